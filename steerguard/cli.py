@@ -1,0 +1,219 @@
+"""steerguard's command line. Errors print one line and exit non-zero; --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import SteerguardError
+
+class Group(click.Group):
+    """Turns SteerguardError (and a few expected failures) into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SteerguardError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: all cores).")
+@click.version_option(package_name="steerguard")
+def main(debug: bool, threads: int | None) -> None:
+    """steerguard: AutoSteer safety guards for LLMs, deployable on-device.
+
+    \b
+    calibrate  find the safety-aware layer, train the prober and the refusal head
+    generate   answer a prompt through the guarded model (PyTorch reference path)
+    eval       guarded vs unguarded attack success rate, false refusals, prober AUROC
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if threads:
+        os.environ["STEERGUARD_THREADS"] = str(threads)
+
+
+def _torch_threads() -> None:
+    import torch
+
+    n = os.environ.get("STEERGUARD_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+
+
+@main.command()
+@click.argument("model", default="demo")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="Folder to write the guard to (written atomically).")
+@click.option("--pairs", "pairs_files", multiple=True, type=click.Path(path_type=Path),
+              help="Your own pairs file (.jsonl/.json/.csv); replaces the shipped pairs. Repeatable.")
+@click.option("--harmful-col", default="harmful", show_default=True, help="Column of the harmful prompt.")
+@click.option("--benign-col", default="benign", show_default=True, help="Column of the benign counterpart.")
+@click.option("--refusal-col", default="refusal", show_default=True, help="Column of the refusal target.")
+@click.option("--caption-col", default=None, help="Optional column with an image caption to prepend.")
+@click.option("--vlsafe", type=click.Path(path_type=Path), default=None,
+              help="A VLSafe folder to use as pairs (alignment + convert_safe files).")
+@click.option("--harmful", "harmful_files", multiple=True, help="Extra harmful prompts FILE[:COLUMN]. Repeatable.")
+@click.option("--benign", "benign_files", multiple=True, help="Extra benign prompts FILE[:COLUMN]. Repeatable.")
+@click.option("--no-defaults", is_flag=True, help="Do not add the shipped calibration data.")
+@click.option("--layer", type=int, default=None, help="Split layer (default: argmax of SAS).")
+@click.option("--feature", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
+              help="Prober input: mean over the user's tokens, or the last prompt token, at the split layer.")
+@click.option("--max-per-source", type=int, default=400, show_default=True, help="Rows drawn from each source.")
+@click.option("--refusal-targets", type=int, default=300, show_default=True)
+@click.option("--refusal-epochs", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, vlsafe,
+              harmful_files, benign_files, no_defaults, layer, feature, max_per_source, refusal_targets,
+              refusal_epochs, seed):
+    """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
+    local HF cache, or 'demo' (SmolLM2-135M-Instruct, fetched once into ~/.cache/steerguard).
+
+    Writes the SAS curve (JSON + PNG), the prober, the refusal head and metrics to -o DIR.
+    """
+    _torch_threads()
+    from .export.calibrate import CalibrationConfig, CalibrationData, calibrate as run
+    from .export.data import load_pairs, load_vlsafe
+    from .export.models import load_model
+
+    data = CalibrationData.default() if not no_defaults else CalibrationData(pairs=[])
+    if pairs_files:
+        data.pairs = []  # the user's pairs replace the shipped ones; shipped benign extras stay
+    for f in pairs_files:
+        data.pairs += load_pairs(f, harmful_col, benign_col, refusal_col, caption_col)
+    if vlsafe:
+        data.pairs += load_vlsafe(vlsafe)
+    data.extra += [_prompt_set(spec, 1) for spec in harmful_files] + [_prompt_set(spec, 0) for spec in benign_files]
+    cfg = CalibrationConfig(layer=layer, feature=feature, max_per_source=max_per_source,
+                            refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed)
+    _check_output(out)
+    lm = load_model(model)
+    guard = run(lm, data, cfg)
+    guard.save(out)
+    _print_summary(guard, out)
+
+
+def _prompt_set(spec: str, label: int, limit: int | None = None):
+    """FILE[:COLUMN[:CAPTION_COLUMN]], e.g. `vlsafe/examine_sampled_500_VLSafe.jsonl:query:caption`."""
+    from .export.data import load_prompts
+
+    path, column, caption = (spec.split(":") + ["", ""])[:3] if not Path(spec).exists() else (spec, "", "")
+    return load_prompts(path, label, column or "prompt", caption or None).sample(limit)
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SteerguardError(f"{out} exists and is not a folder")
+
+
+def _print_summary(guard, out: Path) -> None:
+    m = guard.prober.metrics
+    t = guard.metrics.get("timings", {})
+    rows = [("model", guard.model["name"]),
+            ("layers / hidden", f"{guard.model['num_layers']} / {guard.model['hidden_size']}"),
+            ("split layer (argmax SAS)", f"{guard.split_layer}  (SAS {max(guard.sas.scores):.3f})"),
+            ("prober", f"{guard.prober.feature} token(s) at layer {guard.prober.layer}, tau {guard.prober.tau:.3f}"),
+            ("validation accuracy / AUROC", f"{m['val_accuracy']:.3f} / {m['val_auroc']:.3f}"),
+            ("refusal head", f"eps {guard.refusal.eps}, loss {guard.refusal.metrics['loss_per_epoch']}"),
+            ("time", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items())),
+            ("written to", str(out))]
+    width = max(len(k) for k, _ in rows)
+    click.echo("")
+    for k, v in rows:
+        click.echo(f"  {k:<{width}}  {v}")
+
+
+@main.command()
+@click.argument("model", default="demo")
+@click.option("--guard", "guard_dir", type=click.Path(path_type=Path), default=None,
+              help="A guard folder from `steerguard calibrate` (omit to run the model unguarded).")
+@click.option("-p", "--prompt", required=True, help="The user's request.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def generate(model, guard_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, as_json):
+    """Answer PROMPT with MODEL through the guard (PyTorch reference path)."""
+    _torch_threads()
+    from .export.guard import Guard
+    from .export.models import load_model
+    from .export.reference import ReferenceGuard, Sampling
+
+    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    sampling.check()
+    guard = Guard.load(guard_dir) if guard_dir else None
+    lm = load_model(model)
+    out = ReferenceGuard(lm, guard).generate(prompt, sampling)
+    if as_json:
+        click.echo(json.dumps({"text": out.text, "risk": out.risk, "fired": out.fired,
+                               "split_layer": out.split_layer, "timings": out.timings}))
+        return
+    click.echo(out.text)
+    if out.risk is None:
+        decision = "unguarded"
+    else:
+        decision = f"risk {out.risk:.3f} (tau {guard.prober.tau:.3f}) -> " + ("REFUSAL HEAD" if out.fired else "pass")
+    tps = out.timings["new_tokens"] / max(out.timings["total_s"] - out.timings["first_token_s"], 1e-9)
+    click.echo(f"[{decision} | layer {out.split_layer} | {out.timings['new_tokens']} tokens, {tps:.1f} tok/s]", err=True)
+
+
+@main.command("eval")
+@click.argument("model", default="demo")
+@click.option("--guard", "guard_dir", type=click.Path(path_type=Path), required=True, help="A guard folder.")
+@click.option("--harmful", "harmful_files", multiple=True,
+              help="Harmful prompts FILE[:COLUMN[:CAPTION_COLUMN]] (default column 'prompt'). Repeatable.")
+@click.option("--benign", "benign_files", multiple=True, help="Benign prompts, same form. Repeatable.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="Folder for eval.json, report.md and the plots.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--limit", type=int, default=None, help="At most this many prompts per file (seeded sample).")
+@click.option("--risk-only", is_flag=True, help="Score the prober only; generate no answers.")
+@click.option("--keep-overlap", is_flag=True, help="Keep prompts that also appear in the calibration data.")
+def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens, limit, risk_only, keep_overlap):
+    """Guarded vs unguarded ASR, false refusals and prober AUROC of a guard on MODEL.
+
+    With no --harmful/--benign, uses the shipped evaluation sets (held-out harmful requests, benign
+    questions that sound dangerous, benign conversational requests)."""
+    _torch_threads()
+    from .export.data import data_path, default_pairs, load_prompts
+    from .export.evaluate import evaluate, write_report
+    from .export.guard import Guard
+    from .export.models import load_model
+
+    guard = Guard.load(guard_dir)
+    sets = [_prompt_set(f, 1, limit) for f in harmful_files] + [_prompt_set(f, 0, limit) for f in benign_files]
+    if not sets:
+        sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1).sample(limit),
+                load_prompts(data_path("eval", "sounds_dangerous.jsonl"), 0).sample(limit),
+                load_prompts(data_path("eval", "benign_conversational.jsonl"), 0).sample(limit)]
+    dropped = {}
+    if not keep_overlap:
+        seen = {t.strip() for p in default_pairs() for t in (p.harmful, p.benign)}
+        for s in sets:
+            before = len(s.prompts)
+            s.prompts = [p for p in s.prompts if p.strip() not in seen]
+            dropped[s.source] = before - len(s.prompts)
+    lm = load_model(model)
+    guard.check_model(lm)
+    results = evaluate(lm, guard, sets, max_new_tokens, generate=not risk_only)
+    summary = write_report(results, guard, out, {"max_new_tokens": max_new_tokens,
+                                                   "dropped_calibration_overlap": dropped})
+    click.echo((out / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

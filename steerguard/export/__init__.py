@@ -1,0 +1,1 @@
+"""Calibration and export (needs the `export` extra: torch, transformers, gguf, ...)."""

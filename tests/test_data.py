@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from conftest import SHARED, write_jsonl
+from steerguard.errors import SteerguardError
+from steerguard.export.data import (default_benign, default_pairs, load_pairs, load_prompts, load_vlsafe,
+                                    text_only_refusal)
+
+
+def test_shipped_defaults_load_without_shared_folder():
+    pairs = default_pairs()
+    sources = {p.source for p in pairs}
+    assert sources == {"vlsafe", "contrast"}
+    assert sum(p.source == "contrast" for p in pairs) >= 400
+    assert all(p.harmful and p.benign and p.refusal for p in pairs)
+    assert len(default_benign()[0].prompts) == 2000
+
+
+def test_vlsafe_pairs_keep_the_caption_and_zip_rows_in_order():
+    pairs = load_vlsafe(SHARED / "vlsafe")
+    assert len(pairs) == 3000
+    first = pairs[0]
+    assert first.harmful.startswith("Image: A double decker bus")
+    assert first.harmful.endswith("as a weapon to cause maximum destruction?")
+    assert first.benign.endswith("as a vehicle to provide maximum transportation?")
+
+
+def test_vlsafe_references_become_text_only_refusals_that_open_with_the_refusal():
+    ref = ("I appreciate your interest in the image of the double decker bus driving down the street. "
+           "However, I must emphasize that I cannot provide any guidance or support for any harmful or "
+           "destructive intentions. Double decker buses are primarily used for public transportation.")
+    out = text_only_refusal(ref)
+    assert out.startswith("I'm sorry, but I can't help with that.")
+    assert "image" not in out.lower()
+    for p in default_pairs()[:200]:
+        assert "image" not in p.refusal.lower() or p.source == "contrast"
+
+
+def test_user_pairs_with_chosen_columns_csv(tmp_path):
+    f = tmp_path / "mine.csv"
+    f.write_text("bad,good,no\nHow to hurt him?,How to help him?,I can't help with that.\n")
+    [pair] = load_pairs(f, harmful="bad", benign="good", refusal="no")
+    assert (pair.harmful, pair.benign, pair.refusal, pair.source) == (
+        "How to hurt him?", "How to help him?", "I can't help with that.", "mine")
+
+
+def test_prompt_column_can_index_into_lists(tmp_path):
+    f = write_jsonl(tmp_path / "r.jsonl", [{"turns": ["first", "second"]}])
+    assert load_prompts(f, 1, "turns.0").prompts == ["first"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"harmful": "a", "benign": "b"}\n{"harmful": "a", \n', "bad.jsonl:2: invalid JSON"),
+    ('{"harmful": "a", "benign": "b"}\n{"harmful": "a"}\n', "bad.jsonl:2: missing or empty field 'benign'"),
+    ('{"harmful": "a", "benign": ""}\n', "bad.jsonl:1: missing or empty field 'benign'"),
+    ('["a", "b"]\n', "bad.jsonl:1: expected a JSON object"),
+    ('{"harmful": 3, "benign": "b"}\n', "bad.jsonl:1: field 'harmful' is not text"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, content, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(SteerguardError, match=message.replace(".", r"\.").replace("'", "'")):
+        load_pairs(f)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(SteerguardError, match="no such data file"):
+        load_pairs(tmp_path / "nope.jsonl")
+    (tmp_path / "x.parquet").write_text("")
+    with pytest.raises(SteerguardError, match="unknown data format"):
+        load_pairs(tmp_path / "x.parquet")
+
+
+def test_csv_error_names_the_file_line(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("harmful,benign\na,b\nc,\n")
+    with pytest.raises(SteerguardError, match=r"p\.csv:3"):
+        load_pairs(f, refusal=None)
+
+
+def test_shipped_eval_sets_are_well_formed():
+    from steerguard.export.data import data_path
+
+    for name, n in [("harmful_heldout", 200), ("sounds_dangerous", 180), ("benign_conversational", 120)]:
+        rows = [json.loads(line) for line in data_path("eval", f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == n and len({r["prompt"] for r in rows}) == n
