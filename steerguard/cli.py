@@ -69,7 +69,7 @@ def _torch_threads() -> None:
 @click.option("--benign", "benign_files", multiple=True, help="Extra benign prompts FILE[:COLUMN]. Repeatable.")
 @click.option("--no-defaults", is_flag=True, help="Do not add the shipped calibration data.")
 @click.option("--layer", type=int, default=None, help="Split layer (default: argmax of SAS).")
-@click.option("--feature", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
+@click.option("--feature", type=click.Choice(["last", "mean"]), default="last", show_default=True,
               help="Prober input: mean over the user's tokens, or the last prompt token, at the split layer.")
 @click.option("--max-per-source", type=int, default=400, show_default=True, help="Rows drawn from each source.")
 @click.option("--refusal-targets", type=int, default=300, show_default=True)
@@ -99,6 +99,7 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     cfg = CalibrationConfig(layer=layer, feature=feature, max_per_source=max_per_source,
                             refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed)
     _check_output(out)
+    data.check()
     lm = load_model(model)
     guard = run(lm, data, cfg)
     guard.save(out)

@@ -11,9 +11,11 @@ from steerguard.export.data import (default_benign, default_pairs, load_pairs, l
 def test_shipped_defaults_load_without_shared_folder():
     pairs = default_pairs()
     sources = {p.source for p in pairs}
-    assert sources == {"vlsafe", "contrast"}
-    assert sum(p.source == "contrast" for p in pairs) >= 400
+    assert sources == {"vlsafe"} | {f"contrast-{x}" for x in "abcde"}
+    assert sum(p.source.startswith("contrast") for p in pairs) >= 1300
     assert all(p.harmful and p.benign and p.refusal for p in pairs)
+    from steerguard.runtime.judge import opens_with_refusal
+    assert all(opens_with_refusal(p.refusal) for p in pairs if p.source != "vlsafe")
     assert len(default_benign()[0].prompts) == 2000
 
 
@@ -34,7 +36,7 @@ def test_vlsafe_references_become_text_only_refusals_that_open_with_the_refusal(
     assert out.startswith("I'm sorry, but I can't help with that.")
     assert "image" not in out.lower()
     for p in default_pairs()[:200]:
-        assert "image" not in p.refusal.lower() or p.source == "contrast"
+        assert "image" not in p.refusal.lower() or p.source.startswith("contrast")
 
 
 def test_user_pairs_with_chosen_columns_csv(tmp_path):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SteerguardError
+from .augment import augment_pairs
 from .data import Pair, PromptSet, default_benign, default_pairs
 from .guard import Guard
 from .hidden import extract_hidden_states
@@ -28,6 +29,14 @@ class CalibrationData:
     def default(cls) -> "CalibrationData":
         return cls(pairs=default_pairs(), extra=default_benign())
 
+    def check(self) -> None:
+        """Fail before any model is loaded when the data cannot make a guard."""
+        if len(self.pairs) < MIN_PAIRS:
+            raise SteerguardError(f"calibration needs at least {MIN_PAIRS} harmful/benign pairs, "
+                                  f"got {len(self.pairs)}")
+        if not any(p.refusal for p in self.pairs):
+            raise SteerguardError("no refusal targets in the calibration pairs (give a `refusal` column)")
+
     def sources(self) -> dict:
         counts: dict = defaultdict(int)
         for p in self.pairs:
@@ -40,10 +49,11 @@ class CalibrationData:
 @dataclass
 class CalibrationConfig:
     layer: int | None = None            # None: argmax SAS
-    feature: str = "mean"               # prober input, see prober.FEATURES
+    feature: str = "last"               # prober input, see prober.FEATURES
     max_per_source: int = 400           # pairs / prompts drawn from each source (seeded)
     val_fraction: float = 0.2           # held back to calibrate tau and report metrics
     max_fpr: float = 0.02               # tau: lowest threshold whose validation false-fire rate stays under this
+    styled_per_pair: int = 1            # style-augmented copies of each plain pair (see augment.py)
     refusal_targets: int = 300
     refusal_epochs: int = 4
     eps: float = 0.1
@@ -53,29 +63,15 @@ class CalibrationConfig:
 
 def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
     cfg = cfg or CalibrationConfig()
+    data.check()
     timings = {}
     n_layers = lm.num_layers
     if cfg.layer is not None and not 1 <= cfg.layer <= n_layers - 1:
         raise SteerguardError(f"layer {cfg.layer} is out of range: {lm.name} has {n_layers} layers, "
                               f"so the split layer must be between 1 and {n_layers - 1}")
-    rng = random.Random(cfg.seed)
-    pairs = _per_source_sample(data.pairs, cfg.max_per_source, rng)
-    if len(pairs) < MIN_PAIRS:
-        raise SteerguardError(f"calibration needs at least {MIN_PAIRS} harmful/benign pairs, got {len(pairs)}")
-    extra = [s.sample(cfg.max_per_source, cfg.seed) for s in data.extra]
-
-    # one labelled table: text, label, source, is-validation
-    texts, labels, sources = [], [], []
-    for p in pairs:
-        texts += [p.harmful, p.benign]
-        labels += [1, 0]
-        sources += [f"{p.source}+", f"{p.source}-"]
-    for s in extra:
-        texts += s.prompts
-        labels += [s.label] * len(s.prompts)
-        sources += [s.source] * len(s.prompts)
-    labels, sources = np.array(labels), np.array(sources)
-    val = _validation_mask(len(pairs), len(texts), cfg.val_fraction, rng)
+    table = CalibrationTable.build(data, cfg)
+    pairs, texts, labels, sources, val = table.pairs, table.texts, table.labels, table.sources, table.val
+    rng = random.Random(cfg.seed + 1)
 
     t = time.perf_counter()
     hs = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size, progress and "hidden states")
@@ -87,17 +83,11 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
 
     t = time.perf_counter()
     feats = (hs.last if cfg.feature == "last" else hs.mean)[:, layer]
-    prober = Prober.train(feats[~val], labels[~val], layer, cfg.feature,
-                          weights=source_balanced_weights(labels[~val], sources[~val]), seed=cfg.seed)
-    risk = prober.risk(feats[val])
-    prober.tau = calibrate_tau(risk, labels[val], cfg.max_fpr)
-    prober.metrics = prober_metrics(risk, labels[val], sources[val], prober.tau)
+    prober = fit_prober(feats, labels, sources, val, layer, cfg)
     timings["prober_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     targets = [p for p in pairs if p.refusal]
-    if not targets:
-        raise SteerguardError("no refusal targets in the calibration pairs (give a `refusal` column)")
     targets = _per_source_sample(targets, cfg.refusal_targets // max(1, len({p.source for p in targets})), rng)
     refusal = RefusalHead.train(lm.model, lm.tokenizer, [p.harmful for p in targets], [p.refusal for p in targets],
                                 eps=cfg.eps, epochs=cfg.refusal_epochs, seed=cfg.seed, progress=progress)
@@ -112,6 +102,52 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
                      "validation": int(val.sum()), "refusal_targets": len(targets)},
                      "config": cfg.__dict__},
         metrics={"timings": timings})
+
+
+@dataclass
+class CalibrationTable:
+    """Every calibration prompt with its label, source and validation flag. Rows 0..2P-1 are the
+    pairs, harmful then benign; source names end in + / - for the two sides of a pair source."""
+    pairs: list[Pair]
+    texts: list[str]
+    labels: np.ndarray
+    sources: np.ndarray
+    val: np.ndarray
+
+    @classmethod
+    def build(cls, data: CalibrationData, cfg: CalibrationConfig) -> "CalibrationTable":
+        rng = random.Random(cfg.seed)
+        pairs = _per_source_sample(data.pairs, cfg.max_per_source, rng)
+        if cfg.styled_per_pair:
+            captions = [p.harmful.split("\n", 1)[0][len("Image: "):] for p in data.pairs
+                        if p.harmful.startswith("Image: ")]
+            plain = [p for p in pairs if not p.harmful.startswith("Image: ")]
+            pairs += augment_pairs(plain, captions, cfg.styled_per_pair, cfg.seed)
+        if len(pairs) < MIN_PAIRS:
+            raise SteerguardError(f"calibration needs at least {MIN_PAIRS} harmful/benign pairs, got {len(pairs)}")
+        texts, labels, sources = [], [], []
+        for p in pairs:
+            texts += [p.harmful, p.benign]
+            labels += [1, 0]
+            sources += [f"{p.source}+", f"{p.source}-"]
+        for s in data.extra:
+            s = s.sample(cfg.max_per_source, cfg.seed)
+            texts += s.prompts
+            labels += [s.label] * len(s.prompts)
+            sources += [s.source] * len(s.prompts)
+        val = _validation_mask(len(pairs), len(texts), cfg.val_fraction, rng)
+        return cls(pairs, texts, np.array(labels), np.array(sources), val)
+
+
+def fit_prober(feats: np.ndarray, labels: np.ndarray, sources: np.ndarray, val: np.ndarray, layer: int,
+               cfg: CalibrationConfig) -> Prober:
+    """Train on the rows outside `val` (sources weighted equally), pick tau on `val`, record metrics."""
+    prober = Prober.train(feats[~val], labels[~val], layer, cfg.feature,
+                          weights=source_balanced_weights(labels[~val], sources[~val]), seed=cfg.seed)
+    risk = prober.risk(feats[val])
+    prober.tau = calibrate_tau(risk, labels[val], cfg.max_fpr)
+    prober.metrics = prober_metrics(risk, labels[val], sources[val], prober.tau)
+    return prober
 
 
 def _per_source_sample(pairs: list[Pair], n: int, rng: random.Random) -> list[Pair]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -190,9 +190,20 @@ def default_pairs() -> list[Pair]:
     """Pairs shipped in the package: VLSafe (MIT, via AutoSteer) and the project's own contrast
     pairs (Apache-2.0), which differ in intent but not in style."""
     pairs = load_vlsafe(data_path("vlsafe"))
-    for f in sorted(data_path("contrast").glob("*.jsonl")):
-        pairs += load_pairs(f, source="contrast")
+    for f in sorted(data_path("contrast").glob("*.jsonl")):     # pairs_a.jsonl -> source "contrast-a"
+        pairs += [replace(p, refusal=judged_refusal(p.refusal))
+                  for p in load_pairs(f, source="contrast-" + f.stem.split("_")[-1])]
     return pairs
+
+
+def judged_refusal(text: str) -> str:
+    """Refusal targets open with an apology the standard refusal judge recognises: a target such as
+    "I won't write that." becomes "I'm sorry, but I won't write that." """
+    from ..runtime.judge import opens_with_refusal
+
+    if opens_with_refusal(text):
+        return text
+    return "I'm sorry, but " + text[:1].lower() + text[1:]
 
 
 def default_benign() -> list[PromptSet]:

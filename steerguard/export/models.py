@@ -134,6 +134,9 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     spec = DEMO if spec in (None, "", DEMO) else str(spec)
     path = Path(spec).expanduser()
     try:

@@ -99,7 +99,7 @@ class ReferenceGuard:
             fired = not risk < self.guard.prober.tau      # NaN fails closed
         g = torch.Generator().manual_seed(s.seed)
         tokens: list[int] = []
-        cache, h = out.past_key_values, out.last_hidden_state[0, -1]
+        cache, h = out.cache, out.last_hidden_state[0, -1]
         t_first = None
         while True:
             logits = self.head(h @ self.transform if fired else h)
@@ -110,8 +110,8 @@ class ReferenceGuard:
             tokens.append(token)
             if len(tokens) >= s.max_new_tokens:
                 break
-            out = self.decoder(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache, h = out.past_key_values, out.last_hidden_state[0, -1]
+            out = self.decoder(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            cache, h = out.cache, out.last_hidden_state[0, -1]
         t_end = time.perf_counter()
         return GuardedOutput(
             text=self.lm.tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, risk=risk,
