@@ -190,7 +190,7 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
     With no --harmful/--benign, uses the shipped evaluation sets (held-out harmful requests, benign
     questions that sound dangerous, benign conversational requests)."""
     _torch_threads()
-    from .export.data import data_path, default_pairs, load_prompts
+    from .export.data import data_path, default_benign, default_pairs, load_prompts, query_of
     from .export.evaluate import evaluate, write_report
     from .export.guard import Guard
     from .export.models import load_model
@@ -203,10 +203,11 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
                 load_prompts(data_path("eval", "benign_conversational.jsonl"), 0).sample(limit)]
     dropped = {}
     if not keep_overlap:
-        seen = {t.strip() for p in default_pairs() for t in (p.harmful, p.benign)}
+        seen = {query_of(t) for p in default_pairs() for t in (p.harmful, p.benign)}
+        seen |= {query_of(t) for s in default_benign() for t in s.prompts}
         for s in sets:
             before = len(s.prompts)
-            s.prompts = [p for p in s.prompts if p.strip() not in seen]
+            s.prompts = [p for p in s.prompts if query_of(p) not in seen]
             dropped[s.source] = before - len(s.prompts)
     lm = load_model(model)
     guard.check_model(lm)

@@ -61,3 +61,11 @@ def test_source_balanced_weights():
     w = source_balanced_weights(labels, sources)
     assert w[labels == 1].sum() == pytest.approx(1) and w[labels == 0].sum() == pytest.approx(1)
     assert w[0] + w[1] == pytest.approx(w[2])      # source a as heavy as source b
+
+
+def test_default_tau_separates_best_on_validation():
+    risk = np.array([0.05, 0.1, 0.3, 0.35, 0.62, 0.7, 0.9, 0.95])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    tau = calibrate_tau(risk, labels)
+    assert 0.35 < tau <= 0.62
+    assert (risk >= tau).tolist() == labels.astype(bool).tolist()

@@ -52,7 +52,7 @@ class CalibrationConfig:
     feature: str = "last"               # prober input, see prober.FEATURES
     max_per_source: int = 400           # pairs / prompts drawn from each source (seeded)
     val_fraction: float = 0.2           # held back to calibrate tau and report metrics
-    max_fpr: float = 0.02               # tau: lowest threshold whose validation false-fire rate stays under this
+    max_fpr: float | None = None        # None: tau maximises Youden's J on validation; else caps the false-fire rate
     styled_per_pair: int = 1            # style-augmented copies of each plain pair (see augment.py)
     refusal_targets: int = 300
     refusal_epochs: int = 4
@@ -183,15 +183,21 @@ def source_balanced_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarr
     return w
 
 
-def calibrate_tau(risk: np.ndarray, labels: np.ndarray, max_fpr: float) -> float:
-    """The lowest threshold whose false-fire rate on held-back benign prompts is <= max_fpr, kept
-    within [0.2, 0.8] so a small validation set cannot push it to an extreme."""
-    benign = np.sort(np.nan_to_num(risk[labels == 0], nan=1.0))[::-1]
-    if len(benign) == 0:
+def calibrate_tau(risk: np.ndarray, labels: np.ndarray, max_fpr: float | None = None) -> float:
+    """Threshold on held-back prompts: maximise Youden's J (fire rate on harmful minus fire rate on
+    benign), or, with `max_fpr`, the lowest threshold whose benign fire rate stays under it. Kept in
+    [0.2, 0.8] so a small validation set cannot push it to an extreme."""
+    risk = np.nan_to_num(risk, nan=1.0)
+    benign, harmful = risk[labels == 0], risk[labels == 1]
+    if len(benign) == 0 or len(harmful) == 0:
         return 0.5
-    k = int(np.floor(max_fpr * len(benign)))         # benign prompts allowed to fire
-    tau = float(benign[k]) + 1e-6 if k < len(benign) else 0.0
-    return float(np.clip(tau, 0.2, 0.8))
+    candidates = np.unique(np.clip(risk, 0.2, 0.8))
+    fpr = np.array([(benign >= t).mean() for t in candidates])
+    tpr = np.array([(harmful >= t).mean() for t in candidates])
+    if max_fpr is not None:
+        ok = fpr <= max_fpr
+        return float(candidates[ok][0]) if ok.any() else 0.8
+    return float(candidates[np.argmax(tpr - fpr)])
 
 
 def prober_metrics(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, tau: float) -> dict:

@@ -117,6 +117,12 @@ def with_caption(caption: str | None, query: str) -> str:
     return f"Image: {caption.strip()}\n{query.strip()}" if caption else query.strip()
 
 
+def query_of(prompt: str) -> str:
+    """The request without its caption: two prompts asking the same query about different captions
+    count as the same request when test data is deduplicated against calibration data."""
+    return prompt.split("\n", 1)[1].strip() if prompt.startswith("Image: ") and "\n" in prompt else prompt.strip()
+
+
 def load_pairs(path: str | Path, harmful: str = "harmful", benign: str = "benign",
                refusal: str | None = "refusal", caption: str | None = None,
                source: str | None = None) -> list[Pair]:

@@ -60,8 +60,9 @@ class RefusalHead:
             losses.append(total / len(labels))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         with torch.no_grad():
-            base_loss = torch.nn.functional.cross_entropy(hidden @ weight.T, labels).item() if len(labels) <= 4096 \
-                else float("nan")
+            base_loss = sum(torch.nn.functional.cross_entropy(hidden[i:i + batch_positions] @ weight.T,
+                                                              labels[i:i + batch_positions], reduction="sum").item()
+                            for i in range(0, len(labels), batch_positions)) / len(labels)
             transform = (torch.eye(d) + eps * s.T).numpy().astype(np.float32)
         return cls(transform=transform, eps=eps,
                    metrics={"targets": len(targets), "positions": int(len(labels)), "epochs": epochs,
