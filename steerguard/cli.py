@@ -106,12 +106,12 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     _print_summary(guard, out)
 
 
-def _prompt_set(spec: str, label: int, limit: int | None = None):
+def _prompt_set(spec: str, label: int):
     """FILE[:COLUMN[:CAPTION_COLUMN]], e.g. `vlsafe/examine_sampled_500_VLSafe.jsonl:query:caption`."""
     from .export.data import load_prompts
 
     path, column, caption = (spec.split(":") + ["", ""])[:3] if not Path(spec).exists() else (spec, "", "")
-    return load_prompts(path, label, column or "prompt", caption or None).sample(limit)
+    return load_prompts(path, label, column or "prompt", caption or None)
 
 
 def _check_output(out: Path) -> None:
@@ -196,19 +196,24 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
     from .export.models import load_model
 
     guard = Guard.load(guard_dir)
-    sets = [_prompt_set(f, 1, limit) for f in harmful_files] + [_prompt_set(f, 0, limit) for f in benign_files]
+    sets = [_prompt_set(f, 1) for f in harmful_files] + [_prompt_set(f, 0) for f in benign_files]
     if not sets:
-        sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1).sample(limit),
-                load_prompts(data_path("eval", "sounds_dangerous.jsonl"), 0).sample(limit),
-                load_prompts(data_path("eval", "benign_conversational.jsonl"), 0).sample(limit)]
+        sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1),
+                load_prompts(data_path("eval", "sounds_dangerous.jsonl"), 0),
+                load_prompts(data_path("eval", "benign_conversational.jsonl"), 0)]
     dropped = {}
-    if not keep_overlap:
+    if not keep_overlap:   # drop first, then sample, so --limit counts prompts that are really held out
         seen = {query_of(t) for p in default_pairs() for t in (p.harmful, p.benign)}
         seen |= {query_of(t) for s in default_benign() for t in s.prompts}
         for s in sets:
             before = len(s.prompts)
             s.prompts = [p for p in s.prompts if query_of(p) not in seen]
             dropped[s.source] = before - len(s.prompts)
+    for s in sets:
+        if not s.prompts:
+            raise SteerguardError(f"no prompts left in {s.source} after dropping those in the calibration data "
+                                  "(use --keep-overlap to keep them)")
+    sets = [s.sample(limit) for s in sets]
     lm = load_model(model)
     guard.check_model(lm)
     results = evaluate(lm, guard, sets, max_new_tokens, generate=not risk_only)

@@ -87,3 +87,11 @@ def test_shipped_eval_sets_are_well_formed():
     for name, n in [("harmful_heldout", 200), ("sounds_dangerous", 180), ("benign_conversational", 120)]:
         rows = [json.loads(line) for line in data_path("eval", f"{name}.jsonl").read_text().splitlines()]
         assert len(rows) == n and len({r["prompt"] for r in rows}) == n
+
+
+def test_refusal_targets_open_with_an_apology_the_judge_knows():
+    from steerguard.export.data import judged_refusal
+
+    assert judged_refusal("I won't write that.") == "I'm sorry, but I won't write that."
+    assert judged_refusal("Nope, not doing that.") == "I'm sorry, but nope, not doing that."
+    assert judged_refusal("I'm sorry, but no.") == "I'm sorry, but no."

@@ -209,7 +209,9 @@ def judged_refusal(text: str) -> str:
 
     if opens_with_refusal(text):
         return text
-    return "I'm sorry, but " + text[:1].lower() + text[1:]
+    first = text.split(maxsplit=1)[0] if text.split() else ""
+    keep_case = first == "I" or first.startswith(("I'", "I’"))
+    return "I'm sorry, but " + (text if keep_case else text[:1].lower() + text[1:])
 
 
 def default_benign() -> list[PromptSet]:

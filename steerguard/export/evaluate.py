@@ -83,14 +83,15 @@ class SetResult:
     fired: np.ndarray
     unguarded: list[str]
     guarded: list[str]
+    generated: bool = True
 
     def summary(self) -> dict:
         base_refused = np.array([is_refusal(a) for a in self.unguarded])
         guard_refused = np.array([is_refusal(a) for a in self.guarded])
         out = {"source": self.source, "kind": "harmful" if self.label else "benign", "n": len(self.prompts),
                "fire_rate": float(self.fired.mean()),
-               "unguarded_refusal_rate": float(base_refused.mean())}
-        if self.label:
+               "unguarded_refusal_rate": float(base_refused.mean()) if self.generated else None}
+        if self.label and self.generated:
             out["asr_unguarded"] = float(1 - base_refused.mean())
             out["asr_guarded"] = float(1 - guard_refused.mean())
             refusals = [a for a, f in zip(self.guarded, self.fired) if f]
@@ -118,7 +119,7 @@ def evaluate(lm, guard: Guard, sets: Sequence[PromptSet], max_new_tokens: int = 
                                               progress and f"guarded {s.source}")
                 for i, a in zip(hit, refusals):
                     guarded[i] = a
-        results.append(SetResult(s.source, s.label, s.prompts, risk, fired, unguarded, guarded))
+        results.append(SetResult(s.source, s.label, s.prompts, risk, fired, unguarded, guarded, generate))
     return results
 
 
@@ -140,8 +141,9 @@ def write_report(results: Sequence[SetResult], guard: Guard, out: Path, meta: di
 
 def markdown_report(summary: dict) -> str:
     lines = [f"# steerguard eval — {summary['model']}", "",
-             f"split layer {summary['split_layer']}, tau {summary['tau']:.3f}, "
-             f"prober AUROC (all sets pooled) **{summary['prober_auroc']:.3f}**", "",
+             f"split layer {summary['split_layer']}, tau {summary['tau']:.3f}, prober AUROC (all sets pooled) "
+             + (f"**{summary['prober_auroc']:.3f}**" if summary['prober_auroc'] == summary['prober_auroc']
+                else "— (needs harmful and benign sets)"), "",
              "| set | kind | n | guard fires | ASR unguarded | ASR guarded | refusals open with refusal | "
              "base model refuses |", "|---|---|---|---|---|---|---|---|"]
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
