@@ -217,8 +217,8 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
     lm = load_model(model)
     guard.check_model(lm)
     results = evaluate(lm, guard, sets, max_new_tokens, generate=not risk_only)
-    summary = write_report(results, guard, out, {"max_new_tokens": max_new_tokens,
-                                                   "dropped_calibration_overlap": dropped})
+    write_report(results, guard, out, {"max_new_tokens": max_new_tokens,
+                                       "dropped_calibration_overlap": dropped})
     click.echo((out / "report.md").read_text())
 
 

@@ -1,7 +1,6 @@
 """The whole pipeline on tiny random models of two architectures, built in the test."""
 import numpy as np
 import pytest
-import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from steerguard.errors import SteerguardError
