@@ -82,7 +82,7 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     layer = cfg.layer if cfg.layer is not None else sas.best_layer
 
     t = time.perf_counter()
-    feats = (hs.last if cfg.feature == "last" else hs.mean)[:, layer]
+    feats = hs.feature(cfg.feature, layer)
     prober = fit_prober(feats, labels, sources, val, layer, cfg)
     timings["prober_s"] = time.perf_counter() - t
 

@@ -28,8 +28,7 @@ from .refusal import end_of_turn_ids
 def guard_risks(lm, guard: Guard, prompts: Sequence[str], batch_size: int = 16, progress=False) -> np.ndarray:
     """The prober's risk for each prompt, from batched prefill hidden states."""
     hs = extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress)
-    feats = (hs.last if guard.prober.feature == "last" else hs.mean)[:, guard.prober.layer]
-    return guard.prober.risk(feats)
+    return guard.prober.risk(hs.feature(guard.prober.feature, guard.prober.layer))
 
 
 @contextlib.contextmanager

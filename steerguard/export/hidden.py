@@ -39,6 +39,10 @@ class HiddenStates:
     mean: np.ndarray   # (n, N + 1, d) float32
     lengths: np.ndarray  # (n,) prompt lengths in tokens
 
+    def feature(self, kind: str, layer: int) -> np.ndarray:
+        """The prober's input: `kind` "last" or "mean" (see prober.FEATURES) at `layer`, (n, d)."""
+        return (self.last if kind == "last" else self.mean)[:, layer]
+
 
 @torch.inference_mode()
 def extract_hidden_states(model, tokenizer, prompts: Sequence[str], batch_size: int = 16,

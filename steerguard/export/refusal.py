@@ -22,13 +22,6 @@ class RefusalHead:
     eps: float
     metrics: dict = field(default_factory=dict)
 
-    def apply(self, h: np.ndarray) -> np.ndarray:
-        return h @ self.transform
-
-    @classmethod
-    def identity(cls, d: int, eps: float = 0.1) -> "RefusalHead":
-        return cls(transform=np.eye(d, dtype=np.float32), eps=eps)
-
     @classmethod
     def train(cls, model, tokenizer, prompts: Sequence[str], targets: Sequence[str], eps: float = 0.1,
               epochs: int = 4, max_target_tokens: int = 48, lr: float = 2e-2, batch_positions: int = 1024,
