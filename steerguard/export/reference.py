@@ -12,24 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import SteerguardError
+from ..runtime.sampling import Sampling
 from .guard import Guard
 from .hidden import chat_ids, template_prefix_len
 from .refusal import end_of_turn_ids
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 128
-    temperature: float = 0.0     # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def check(self) -> None:
-        if not 1 <= self.max_new_tokens <= 1_000_000:
-            raise SteerguardError(f"max_new_tokens must be between 1 and 1000000, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise SteerguardError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
 
 
 @dataclass

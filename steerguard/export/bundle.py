@@ -1,0 +1,126 @@
+"""Write a bundle: the engine chain, the tokenizer and chat template, a report, and a manifest that
+describes the chain as data and pins every file by sha256.
+
+    bundle/
+      manifest.json
+      engines/{embed,pre,post,head,refusal}.onnx (+ .onnx.data)
+      tokenizer/tokenizer.json, tokenizer_config.json, chat_template.jinja
+      report/sas.json, sas.png, guard.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import SteerguardError
+from ..runtime.manifest import MANIFEST, SCHEMA
+from .arch import DecoderSpec
+from .guard import Guard
+from .models import LoadedModel, sha256_file
+from .onnx_graph import (ProberWeights, decoder_engine, embed_engine, head_engine, past_names, present_names,
+                         refusal_engine, save_engine)
+from .refusal import end_of_turn_ids
+
+PROBER_PRECISIONS = ("int8", "fp32")
+
+
+def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prober_precision: str = "int8",
+                  context: int | None = None, progress: bool = True) -> Path:
+    """Export `lm` split at the guard's layer (or unsplit and unguarded when `guard` is None).
+    Written to `out.partial` and renamed at the end, so `out` never holds a half-written bundle."""
+    if prober_precision not in PROBER_PRECISIONS:
+        raise SteerguardError(f"unknown prober precision {prober_precision!r}; choose int8 or fp32")
+    if guard is not None:
+        guard.check_model(lm)
+        if guard.prober.feature != "last":
+            raise SteerguardError(f"the engine computes the prober on the last token; this guard reads "
+                                  f"{guard.prober.feature!r}: recalibrate with the default feature")
+    spec = DecoderSpec.from_model(lm.model, context)
+    if spec.head_dim % 16:
+        raise SteerguardError(f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's fused "
+                              "attention needs; this model cannot be exported yet")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "engines").mkdir(parents=True)
+
+    n = spec.num_layers
+    chain: list[tuple[str, str, object, dict]] = [("embed", "embed", lambda: embed_engine(spec), {})]
+    if guard is None:
+        chain.append(("decoder", "decoder",
+                      lambda: decoder_engine(spec, 0, n, final_norm=True, name="decoder"), {"layers": [0, n]}))
+    else:
+        l_star = guard.split_layer
+        p = guard.prober
+        prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision)
+        chain += [("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
+                                                            name="pre"), {"layers": [0, l_star], "prober": prober_precision}),
+                  ("post", "decoder", lambda: decoder_engine(spec, l_star, n, final_norm=True, name="post"),
+                   {"layers": [l_star, n]})]
+    chain.append(("head", "head", lambda: head_engine(spec), {}))
+    if guard is not None:
+        chain.append(("refusal", "refusal", lambda: refusal_engine(guard.refusal.transform), {}))
+
+    engines = []
+    for name, role, build, extra in tqdm(chain, desc="export engines", unit="engine", disable=not progress):
+        model = build()
+        files = save_engine(model, tmp / "engines" / f"{name}.onnx")
+        engines.append({"name": name, "role": role, "file": f"engines/{name}.onnx", "precision": "fp32",
+                        "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
+                        "data_files": [f"engines/{f.name}" for f in files[1:]], **extra})
+        del model
+
+    _write_tokenizer(lm, tmp / "tokenizer")
+    if guard is not None:
+        (tmp / "report").mkdir()
+        guard.sas.save(tmp / "report")
+        guard.sas.plot(tmp / "report" / "sas.png", guard.split_layer)
+
+    manifest = {
+        "format": "steerguard-bundle", "schema": SCHEMA, "steerguard_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": lm.name, "source": lm.source, "sha256": lm.sha256, "architecture": spec.architecture,
+                  "num_layers": n, "hidden_size": spec.hidden_size, "vocab_size": spec.vocab_size,
+                  "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+                  "context": spec.context},
+        "guard": None if guard is None else {
+            "split_layer": guard.split_layer, "tau": guard.prober.tau, "eps": guard.refusal.eps,
+            "feature": guard.prober.feature, "prober_precision": prober_precision,
+            "prober_hidden": int(guard.prober.w1.shape[1]), "prober_metrics": guard.prober.metrics,
+            "sas": {"layers": guard.sas.layers, "scores": guard.sas.scores, "num_pairs": guard.sas.num_pairs},
+            "calibration": guard.calibration, "metrics": guard.metrics},
+        "engines": engines,
+        "cache": {"inputs": [past_names(0)[0].replace(".0.", ".{i}."), past_names(0)[1].replace(".0.", ".{i}.")],
+                  "outputs": [present_names(0)[0].replace(".0.", ".{i}."), present_names(0)[1].replace(".0.", ".{i}.")],
+                  "layout": "batch, kv_heads, sequence, head_dim", "shared_buffer": True},
+        "tokenizer": {"file": "tokenizer/tokenizer.json", "config": "tokenizer/tokenizer_config.json",
+                      "chat_template": "tokenizer/chat_template.jinja"},
+        "generation": {"stop_token_ids": end_of_turn_ids(lm.tokenizer), "max_new_tokens": 256, "temperature": 0.0},
+    }
+    manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _write_tokenizer(lm: LoadedModel, folder: Path) -> None:
+    tok = lm.tokenizer
+    folder.mkdir(parents=True)
+    tok.save_pretrained(folder)
+    template = tok.chat_template
+    (folder / "chat_template.jinja").write_text(template)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update({k: getattr(tok, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                   if getattr(tok, k, None) is not None})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    for extra in folder.iterdir():
+        if extra.name not in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            extra.unlink()

@@ -1,0 +1,230 @@
+"""Build the engine chain as ONNX graphs straight from the decoder's weights.
+
+Each decoder engine runs a contiguous range of layers with onnxruntime's fused kernels
+(SkipSimplifiedLayerNormalization, GroupQueryAttention with rotary and a KV cache that is updated in
+place when the runtime binds `past_key_values.{i}` and `present.{i}` to one buffer). The `pre` engine
+also computes the prober on the last token of its output, so the guard costs one tiny MLP per request.
+
+    embed   input_ids (B, S) int64                               -> inputs_embeds (B, S, d)
+    pre     inputs_embeds, attention_mask (B, T), past [0, l*)   -> hidden_states (B, S, d), risk (B,), present
+    post    hidden_states, attention_mask, past [l*, N)          -> last_hidden_state (B, S, d) (final norm), present
+    head    hidden (B, d)                                        -> logits (B, V)
+    refusal hidden (B, d)                                        -> hidden (B, d) @ R
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .arch import DecoderSpec
+
+OPSET = 23
+MS = "com.microsoft"
+
+
+def past_names(i: int) -> tuple[str, str]:
+    return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+
+
+def present_names(i: int) -> tuple[str, str]:
+    return f"present.{i}.key", f"present.{i}.value"
+
+
+class Graph:
+    """A small helper over onnx.helper: unique value names, initializers, typed inputs and outputs."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._n = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
+           outputs: list[str] | None = None, **attrs) -> list[str]:
+        self._n += 1
+        base = name or f"{op_type}_{self._n}"
+        outs = outputs or [f"{base}/out{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain or None, **attrs))
+        return outs
+
+    def one(self, op_type: str, inputs: list[str], **kw) -> str:
+        return self.op(op_type, inputs, **kw)[0]
+
+    def input(self, name: str, elem: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, name: str, elem: int, shape: list) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="steerguard")
+        m.ir_version = 10
+        return m
+
+
+@dataclass
+class ProberWeights:
+    """The prober as the `pre` engine computes it. With `int8`, w1 is stored as int8 with one scale per
+    output column, after moving each input row's magnitude into an fp32 `row_scale` (the folded
+    standardisation makes rows differ by orders of magnitude, which per-column scales alone would crush)."""
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    precision: str = "int8"   # or "fp32"
+
+
+def quantize_prober_w1(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w1 ~= diag(row_scale) @ (q * col_scale): int8 q, fp32 row and column scales."""
+    row = np.abs(w1).max(1).astype(np.float32)
+    row[row == 0] = 1.0
+    unit = w1 / row[:, None]
+    col = (np.abs(unit).max(0) / 127.0).astype(np.float32)
+    col[col == 0] = 1.0
+    q = np.clip(np.round(unit / col), -127, 127).astype(np.int8)
+    return q, row, col
+
+
+def dequantized_prober_w1(w1: np.ndarray) -> np.ndarray:
+    q, row, col = quantize_prober_w1(w1)
+    return (row[:, None] * (q.astype(np.float32) * col)).astype(np.float32)
+
+
+def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
+    """risk = sigmoid(l1 - l0) of the MLP on the last position; NaN whenever that state is not finite."""
+    last = g.one("Slice", [hidden, g.const("prober/start", np.array([-1], np.int64)),
+                           g.const("prober/end", np.array([np.iinfo(np.int64).max], np.int64)),
+                           g.const("prober/axis", np.array([1], np.int64))])
+    x = g.one("Squeeze", [last, g.const("prober/squeeze", np.array([1], np.int64))])      # (B, d)
+    if p.precision == "int8":
+        q, row, col = quantize_prober_w1(p.w1)
+        w1 = g.one("DequantizeLinear", [g.const("prober/w1_int8", q), g.const("prober/w1_scale", col)], axis=1)
+        x1 = g.one("Mul", [x, g.const("prober/row_scale", row)])
+    else:
+        w1, x1 = g.const("prober/w1", p.w1.astype(np.float32)), x
+    h = g.one("Relu", [g.one("Add", [g.one("MatMul", [x1, w1]), g.const("prober/b1", p.b1.astype(np.float32))])])
+    logits = g.one("Add", [g.one("MatMul", [h, g.const("prober/w2", p.w2.astype(np.float32))]),
+                           g.const("prober/b2", p.b2.astype(np.float32))])
+    l0, l1 = g.op("Split", [logits], n_out=2, axis=1, num_outputs=2)
+    margin = g.one("Squeeze", [g.one("Sub", [l1, l0]), g.const("prober/squeeze1", np.array([1], np.int64))])
+    # x * 0 is NaN exactly where x is NaN or inf; Relu would otherwise swallow a NaN into 0
+    poison = g.one("ReduceSum", [g.one("Mul", [x, g.const("prober/zero", np.zeros(1, np.float32))]),
+                                 g.const("prober/axes", np.array([1], np.int64))], keepdims=0)
+    g.op("Sigmoid", [g.one("Add", [margin, poison])], outputs=["risk"])
+    return "risk"
+
+
+def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool,
+                   prober: ProberWeights | None = None, name: str = "decoder") -> onnx.ModelProto:
+    """Layers [first, last) with their KV cache; the input is the residual stream entering `first`."""
+    g = Graph(name)
+    f32, d = TensorProto.FLOAT, spec.hidden_size
+    kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    x = g.input("inputs_embeds" if first == 0 else "hidden_states", f32, ["batch", "sequence_length", d])
+    mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"])
+    seqlens = g.one("Cast", [g.one("Sub", [g.one("ReduceSum", [mask, g.const("axis1", np.array([1], np.int64))],
+                                                 keepdims=0), g.const("one", np.array(1, np.int64))])],
+                    to=TensorProto.INT32)
+    total = g.one("Cast", [g.one("Gather", [g.one("Shape", [mask]), g.const("index1", np.array(1, np.int64))])],
+                  to=TensorProto.INT32)
+    cos, sin = g.const("cos_cache", spec.cos), g.const("sin_cache", spec.sin)
+    eps = spec.rms_eps
+
+    residual, pending = x, None
+    for i in range(first, last):
+        L, p = spec.layers[i], f"layers.{i}/"
+        if pending is None:
+            normed = g.one("RMSNormalization", [residual, g.const(p + "attn_norm", L.attn_norm)],
+                           axis=-1, epsilon=eps, name=p + "attn_norm")
+        else:
+            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
+                                          [pending, residual, g.const(p + "attn_norm", L.attn_norm)],
+                                          n_out=4, domain=MS, epsilon=eps, name=p + "attn_norm")
+        qkv = g.one("MatMul", [normed, g.const(p + "qkv", L.qkv)], name=p + "qkv")
+        if L.qkv_bias is not None:
+            qkv = g.one("Add", [qkv, g.const(p + "qkv_bias", L.qkv_bias)])
+        pk, pv = past_names(i)
+        g.input(pk, f32, kv_shape)
+        g.input(pv, f32, kv_shape)
+        ok, ov = present_names(i)
+        attn = g.op("GroupQueryAttention", [qkv, "", "", pk, pv, seqlens, total, cos, sin],
+                    outputs=[p + "attn", ok, ov], domain=MS, name=p + "attention",
+                    num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                    scale=float(spec.head_dim ** -0.5))[0]
+        g.output(ok, f32, ["batch", spec.num_kv_heads, "total_sequence_length", spec.head_dim])
+        g.output(ov, f32, ["batch", spec.num_kv_heads, "total_sequence_length", spec.head_dim])
+        o = g.one("MatMul", [attn, g.const(p + "o", L.o)], name=p + "o")
+        normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, g.const(p + "mlp_norm", L.mlp_norm)],
+                                      n_out=4, domain=MS, epsilon=eps, name=p + "mlp_norm")
+        gate, up = g.op("Split", [g.one("MatMul", [normed, g.const(p + "gate_up", L.gate_up)], name=p + "gate_up")],
+                        n_out=2, axis=-1, num_outputs=2)
+        act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), up])
+        pending = g.one("MatMul", [act, g.const(p + "down", L.down)], name=p + "down")
+
+    if final_norm:
+        g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.const("final_norm", spec.final_norm)],
+             outputs=["last_hidden_state", "", "", ""], domain=MS, epsilon=eps, name="final_norm")
+        g.output("last_hidden_state", f32, ["batch", "sequence_length", d])
+    else:
+        g.op("Add", [residual, pending], outputs=["hidden_states"], name="split_point")
+        g.output("hidden_states", f32, ["batch", "sequence_length", d])
+    if prober is not None:
+        _prober(g, "hidden_states", prober)
+        g.output("risk", f32, ["batch"])
+    return g.model()
+
+
+def embed_engine(spec: DecoderSpec) -> onnx.ModelProto:
+    g = Graph("embed")
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence_length"])
+    g.op("Gather", [g.const("embed_tokens", spec.embed), ids], outputs=["inputs_embeds"], axis=0)
+    g.output("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence_length", spec.hidden_size])
+    return g.model()
+
+
+def head_engine(spec: DecoderSpec) -> onnx.ModelProto:
+    """The LM head with its own constant (d, V) weight, even when tied: quantizers need a constant MatMul weight."""
+    g = Graph("head")
+    h = g.input("hidden", TensorProto.FLOAT, ["batch", spec.hidden_size])
+    g.op("MatMul", [h, g.const("lm_head", spec.head.T)], outputs=["logits"], name="lm_head")
+    g.output("logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
+    return g.model()
+
+
+def refusal_engine(transform: np.ndarray) -> onnx.ModelProto:
+    """h -> h @ R; the refusal logits are then the plain head applied to it."""
+    g = Graph("refusal")
+    d = transform.shape[0]
+    h = g.input("hidden", TensorProto.FLOAT, ["batch", d])
+    g.op("MatMul", [h, g.const("refusal_transform", transform.astype(np.float32))], outputs=["steered"],
+         name="refusal_transform")
+    g.output("steered", TensorProto.FLOAT, ["batch", d])
+    return g.model()
+
+
+def save_engine(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write `path` (+ `path.data` with the weights when large), check it, return the files written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > 16 << 20
+    data = path.with_name(path.name + ".data")
+    if big:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, path)
+    onnx.checker.check_model(str(path))
+    return [path, data] if big else [path]

@@ -1,0 +1,77 @@
+"""Chat messages -> token ids through the model's own chat template (jinja2) and `tokenizers`,
+rendering the way transformers' `apply_chat_template` does; and token ids -> text, incrementally."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from ..errors import SteerguardError
+
+Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTokenizer:
+    def __init__(self, tokenizer_file: Path, config_file: Path, template_file: Path):
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            self.config = json.loads(Path(config_file).read_text())
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[jinja2.ext.loopcontrols])
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+            self.template = env.from_string(Path(template_file).read_text())
+        except (OSError, ValueError, jinja2.TemplateError) as e:
+            raise SteerguardError(f"{tokenizer_file.parent}: cannot read the tokenizer or chat template ({e})") from e
+        self.special = {k: self.config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                        if isinstance(self.config.get(k), str)}
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+                raise SteerguardError("each chat message needs a 'role' and a text 'content'")
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.special)
+        except jinja2.TemplateError as e:
+            raise SteerguardError(f"the chat template rejected these messages: {e}") from e
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.encode_chat([{"role": "user", "content": prompt}])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces, holding back a piece that ends inside a
+    multi-byte character (the tokenizer decodes it as U+FFFD until the next token completes it)."""
+
+    def __init__(self, tok: ChatTokenizer):
+        self.tok, self.ids, self.emitted = tok, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece

@@ -1,0 +1,84 @@
+"""The bundle's manifest: read it, check its schema, and verify every file's sha256 before anything runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SteerguardError
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    root: Path
+    data: dict
+
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+    @property
+    def guard(self) -> dict | None:
+        return self.data.get("guard")
+
+    @property
+    def engines(self) -> list[dict]:
+        return self.data["engines"]
+
+    def engine(self, role: str) -> list[dict]:
+        return [e for e in self.engines if e["role"] == role]
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    @classmethod
+    def load(cls, folder: str | Path, verify: bool = True) -> "Manifest":
+        root = Path(folder)
+        if not root.is_dir():
+            raise SteerguardError(f"{root}: no such bundle folder (make one with `steerguard export`)")
+        path = root / MANIFEST
+        if not path.exists():
+            raise SteerguardError(f"{path}: missing; {root} is not a steerguard bundle")
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SteerguardError(f"{path}: not valid JSON ({e}); re-export the bundle") from e
+        if not isinstance(data, dict) or data.get("format") != "steerguard-bundle":
+            raise SteerguardError(f"{path}: not a steerguard bundle manifest")
+        if data.get("schema") != SCHEMA:
+            raise SteerguardError(f"{path}: bundle schema {data.get('schema')}, this steerguard reads schema "
+                                  f"{SCHEMA}; re-export the bundle with this version")
+        for key in ("model", "engines", "files", "tokenizer", "generation"):
+            if key not in data:
+                raise SteerguardError(f"{path}: no {key!r} entry; re-export the bundle")
+        manifest = cls(root, data)
+        manifest.check_files(verify)
+        return manifest
+
+    def check_files(self, verify_hashes: bool = True) -> None:
+        """Every file the manifest names exists and has its recorded sha256."""
+        files: dict = self.data["files"]
+        for e in self.engines:
+            for rel in [e["file"], *e.get("data_files", [])]:
+                if rel not in files:
+                    raise SteerguardError(f"{self.root / MANIFEST}: engine file {rel} has no recorded sha256")
+        for rel, digest in files.items():
+            p = self.root / rel
+            if not p.is_file():
+                raise SteerguardError(f"{p}: missing from the bundle; copy the whole bundle folder again")
+            if verify_hashes and sha256_of(p) != digest:
+                raise SteerguardError(f"{p}: sha256 does not match the manifest (corrupt or modified); "
+                                      "copy the bundle again or re-export it")

@@ -1,0 +1,329 @@
+"""The guarded model: run a bundle's engine chain, judge each request at prefill, switch to the
+refusal head when the prober fires.
+
+The loop reads top to bottom: `prefill` one prompt into its row of the KV cache (the `pre` engine
+returns the risk with the split-point state) -> `decide` -> `decode_one_token` for all rows at once
+-> `next_logits` through the plain or refusal head -> `sample`. The KV cache is one preallocated
+buffer per layer that onnxruntime updates in place; nothing is concatenated per step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generator, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..engines import Engine, resolve_backend
+from ..errors import SteerguardError
+from .chat import ChatTokenizer, Message, TextStream
+from .manifest import Manifest
+from .sampling import Sampling, sample
+
+Request = str | Sequence[Message]   # a prompt, or chat messages
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    risk: float | None          # None for an unguarded bundle
+    fired: bool
+    split_layer: int | None
+    finish_reason: str          # "stop" (end of turn), "stop_string", or "length"
+    prompt_tokens: int
+    timings: dict = field(default_factory=dict)
+
+
+class KVCache:
+    """One (batch, kv_heads, max_len, head_dim) buffer per layer for keys and one for values, shared by
+    each engine's `past_key_values.{i}` input and `present.{i}` output."""
+
+    def __init__(self, layers: range, batch: int, kv_heads: int, max_len: int, head_dim: int):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.buffers = {(i, kind): np.zeros(shape, np.float32) for i in layers for kind in ("key", "value")}
+        self.values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.buffers.items()}
+        self.lengths = np.zeros(batch, np.int64)
+
+    def bind(self, binding: ort.IOBinding, layers: range, row: int | None = None) -> None:
+        """Bind the layers' buffers (or one row of them, a contiguous view) as past and present."""
+        for i in layers:
+            for kind in ("key", "value"):
+                value = (self.values[(i, kind)] if row is None
+                         else ort.OrtValue.ortvalue_from_numpy(self.buffers[(i, kind)][row:row + 1]))
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+
+    def mask(self, rows: slice | None = None) -> np.ndarray:
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        width = int(lengths.max())
+        return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+
+
+class GuardedModel:
+    """A loaded bundle. Thread-safe: each call keeps its own cache and bindings."""
+
+    def __init__(self, manifest: Manifest, backend: str = "cpu", threads: int | None = None):
+        self.manifest = manifest
+        m = manifest.model
+        self.num_layers, self.hidden_size = m["num_layers"], m["hidden_size"]
+        self.kv_heads, self.head_dim, self.context = m["num_kv_heads"], m["head_dim"], m["context"]
+        be = resolve_backend(backend)
+
+        def load(e: dict) -> Engine:
+            return Engine(e["name"], manifest.path(e["file"]), be, threads)
+
+        self.embed = load(_one(manifest, "embed"))
+        self.decoders = [(load(e), range(*e["layers"])) for e in manifest.engine("decoder")]
+        self.head = load(_one(manifest, "head"))
+        refusal = manifest.engine("refusal")
+        self.refusal = load(refusal[0]) if refusal else None
+        guard = manifest.guard
+        self.tau = guard["tau"] if guard else None
+        self.split_layer = guard["split_layer"] if guard else None
+        self.risk_engine = next((eng for eng, _ in self.decoders if "risk" in eng.output_names), None)
+        if guard and (self.risk_engine is None or self.refusal is None):
+            raise SteerguardError(f"{manifest.root}: the manifest has a guard but the engines lack the prober "
+                                  "or the refusal head; re-export the bundle")
+        t = manifest.data["tokenizer"]
+        self.tokenizer = ChatTokenizer(manifest.path(t["file"]), manifest.path(t["config"]),
+                                       manifest.path(t["chat_template"]))
+        self.stop_ids = set(manifest.data["generation"]["stop_token_ids"])
+
+    @classmethod
+    def load(cls, bundle: str | Path, backend: str = "cpu", threads: int | None = None,
+             verify: bool = True) -> "GuardedModel":
+        """Load a bundle after checking its manifest and every file's sha256."""
+        return cls(Manifest.load(bundle, verify=verify), backend, threads)
+
+    @property
+    def guarded(self) -> bool:
+        return self.tau is not None
+
+    # ---- requests -> token ids ------------------------------------------------------------------
+    def encode(self, request: Request) -> list[int]:
+        if isinstance(request, str):
+            if not request.strip():
+                raise SteerguardError("the prompt is empty")
+            return self.tokenizer.encode_prompt(request)
+        if not request:
+            raise SteerguardError("no chat messages given")
+        return self.tokenizer.encode_chat(list(request))
+
+    def _check_fits(self, ids: list[int], s: Sampling) -> None:
+        if len(ids) + s.max_new_tokens > self.context:
+            raise SteerguardError(f"the prompt is {len(ids)} tokens; with max_new_tokens {s.max_new_tokens} it "
+                                  f"exceeds the model's context of {self.context} tokens: shorten it")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def prefill(self, ids: list[int], cache: KVCache, row: int) -> tuple[np.ndarray, float | None]:
+        """Run one prompt into row `row` of the cache; return its last final hidden state and its risk."""
+        x = self.embed.run({"input_ids": np.array([ids], np.int64)})["inputs_embeds"]
+        cache.lengths[row] = len(ids)
+        mask = np.ones((1, len(ids)), np.int64)
+        risk = None
+        for engine, layers in self.decoders:
+            b = engine.binding()
+            b.bind_cpu_input(engine.input_names[0], x)
+            b.bind_cpu_input("attention_mask", mask)
+            cache.bind(b, layers, row)
+            outs = [n for n in engine.output_names if not n.startswith("present.")]
+            for n in outs:
+                b.bind_output(n)
+            engine.run_binding(b)
+            values = dict(zip(outs, b.copy_outputs_to_cpu()[-len(outs):]))
+            x = values.get("hidden_states", values.get("last_hidden_state"))
+            if "risk" in values:
+                risk = float(values["risk"][0])
+        return x[0, -1], risk
+
+    def decide(self, risk: float | None) -> bool:
+        """Fire when risk >= tau; a non-finite risk fires too (the guard fails closed)."""
+        return self.guarded and not (risk is not None and np.isfinite(risk) and risk < self.tau)
+
+    def decode_one_token(self, tokens: np.ndarray, cache: KVCache, step: "DecodeStep") -> np.ndarray:
+        """Append `tokens` (B,) to every row; return the final hidden states (B, d)."""
+        cache.lengths += 1
+        step.ids[:, 0] = tokens
+        mask = cache.mask()
+        for (engine, _), b in zip(self.decoders, step.bindings):
+            b.bind_cpu_input("attention_mask", mask)
+        self.embed.run_binding(step.embed_binding)
+        for (engine, _), b in zip(self.decoders, step.bindings):
+            engine.run_binding(b)
+        return step.hidden_out[-1][:, 0, :]
+
+    def next_logits(self, hidden: np.ndarray, fired: np.ndarray) -> np.ndarray:
+        """Logits (B, V) through the plain head, or through the refusal transform for rows that fired."""
+        if fired.any():
+            steered = self.refusal.run({"hidden": np.ascontiguousarray(hidden)})["steered"]
+            hidden = np.where(fired[:, None], steered, hidden)
+        return self.head.run({"hidden": np.ascontiguousarray(hidden, np.float32)})["logits"]
+
+    # ---- public API -----------------------------------------------------------------------------
+    def generate(self, request: Request, sampling: Sampling | None = None, **kw) -> GenerationResult:
+        """Answer one prompt (or chat) through the guard."""
+        return self.generate_batch([request], sampling, **kw)[0]
+
+    def generate_batch(self, requests: Sequence[Request], sampling: Sampling | None = None) -> list[GenerationResult]:
+        """Answer several requests together, each with its own guard decision."""
+        steps = self.decode_tokens(requests, sampling)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def decode_tokens(self, requests: Sequence[Request], sampling: Sampling | None = None
+                      ) -> Generator[tuple[int, int], None, list[GenerationResult]]:
+        """Yield (row, token) as tokens are decoded; return the results."""
+        s = sampling or Sampling()
+        s.check()
+        if not requests:
+            raise SteerguardError("no prompts given")
+        prompts = [self.encode(r) for r in requests]
+        for ids in prompts:
+            self._check_fits(ids, s)
+        batch = len(prompts)
+        max_len = max(len(p) for p in prompts) + s.max_new_tokens
+        cache = KVCache(range(self.num_layers), batch, self.kv_heads, max_len, self.head_dim)
+        rngs = [np.random.default_rng(s.seed) for _ in range(batch)]
+
+        t0 = time.perf_counter()
+        last_hidden = np.zeros((batch, self.hidden_size), np.float32)
+        risks: list[float | None] = []
+        for row, ids in enumerate(prompts):
+            last_hidden[row], risk = self.prefill(ids, cache, row)
+            risks.append(risk)
+        fired = np.array([self.decide(r) for r in risks])
+        t_prefill = time.perf_counter()
+
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        reasons: list[str | None] = [None] * batch
+        streams = [TextStream(self.tokenizer) for _ in range(batch)]
+        texts = [""] * batch
+        step = DecodeStep(self, cache, batch)
+        hidden, t_first, n_steps = last_hidden, None, 0
+        while True:
+            logits = self.next_logits(hidden, fired)
+            nxt = np.array([sample(logits[r], s, rngs[r]) if reasons[r] is None else 0 for r in range(batch)])
+            t_first = t_first or time.perf_counter()
+            for r in range(batch):
+                if reasons[r] is not None:
+                    continue
+                tok = int(nxt[r])
+                if tok in self.stop_ids:
+                    reasons[r] = "stop"
+                    continue
+                tokens[r].append(tok)
+                yield r, tok
+                if s.stop:
+                    texts[r] += streams[r].push(tok)
+                    if any(x in texts[r] for x in s.stop):
+                        reasons[r] = "stop_string"
+                        continue
+                if len(tokens[r]) >= s.max_new_tokens:
+                    reasons[r] = "length"
+            if all(reasons):
+                break
+            hidden = self.decode_one_token(nxt, cache, step)
+            n_steps += 1
+        t_end = time.perf_counter()
+
+        results = []
+        for r in range(batch):
+            text = self.tokenizer.decode(tokens[r])
+            if reasons[r] == "stop_string":
+                text = text[:min(text.find(x) for x in s.stop if x in text)]
+            decode_s = t_end - t_first
+            results.append(GenerationResult(
+                text=text, token_ids=tokens[r], risk=risks[r], fired=bool(fired[r]), split_layer=self.split_layer,
+                finish_reason=reasons[r], prompt_tokens=len(prompts[r]),
+                timings={"prefill_s": t_prefill - t0, "first_token_s": t_first - t0, "decode_s": decode_s,
+                         "decode_steps": n_steps, "new_tokens": len(tokens[r]),
+                         "decode_tok_s": n_steps / decode_s if decode_s > 0 and n_steps else None}))
+        return results
+
+    def stream(self, request: Request, sampling: Sampling | None = None) -> "Stream":
+        """Iterate over the answer's text pieces as they are decoded; `.result` holds the result after."""
+        return Stream(self, request, sampling)
+
+
+class DecodeStep:
+    """The I/O bindings of one decode step, made once per request: token ids and activations live in
+    preallocated arrays, the KV cache stays bound, only the attention mask is rebound per token."""
+
+    def __init__(self, model: GuardedModel, cache: KVCache, batch: int):
+        d = model.hidden_size
+        self.ids = np.zeros((batch, 1), np.int64)
+        x = np.zeros((batch, 1, d), np.float32)
+        self.embed_binding = model.embed.binding()
+        self.embed_binding.bind_cpu_input("input_ids", self.ids)
+        self.embed_binding.bind_ortvalue_output("inputs_embeds", ort.OrtValue.ortvalue_from_numpy(x))
+        self.bindings, self.hidden_out = [], []
+        self._keep = [x]
+        for engine, layers in model.decoders:
+            b = engine.binding()
+            b.bind_ortvalue_input(engine.input_names[0], ort.OrtValue.ortvalue_from_numpy(x))
+            cache.bind(b, layers)
+            out = np.zeros((batch, 1, d), np.float32)
+            name = "last_hidden_state" if "last_hidden_state" in engine.output_names else "hidden_states"
+            b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(out))
+            if "risk" in engine.output_names:
+                risk = np.zeros(batch, np.float32)
+                self._keep.append(risk)
+                b.bind_ortvalue_output("risk", ort.OrtValue.ortvalue_from_numpy(risk))
+            self.bindings.append(b)
+            self.hidden_out.append(out)
+            x = out
+
+
+class Stream:
+    """Text pieces of one answer as they are decoded. A piece that might begin a stop string is held
+    back until it is clear; `.result` holds the GenerationResult once the iteration ends."""
+
+    def __init__(self, model: GuardedModel, request: Request, sampling: Sampling | None):
+        self.model, self.request, self.sampling = model, request, sampling or Sampling()
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        text, sent = TextStream(self.model.tokenizer), 0
+        shown = ""
+        steps = self.model.decode_tokens([self.request], self.sampling)
+        while True:
+            try:
+                _, tok = next(steps)
+            except StopIteration as done:
+                self.result = done.value[0]
+                break
+            shown += text.push(tok)
+            safe = len(shown) - _held_back(shown, self.sampling.stop)
+            if safe > sent:
+                yield shown[sent:safe]
+                sent = safe
+        if len(self.result.text) > sent:
+            yield self.result.text[sent:]
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could still grow into (or already hold) a stop string."""
+    held = 0
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0:
+            held = max(held, len(text) - at)
+            continue
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                held = max(held, k)
+                break
+    return held
+
+
+def _one(manifest: Manifest, role: str) -> dict:
+    found = manifest.engine(role)
+    if len(found) != 1:
+        raise SteerguardError(f"{manifest.root}: the manifest must list exactly one {role} engine")
+    return found[0]
