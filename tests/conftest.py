@@ -54,3 +54,28 @@ def demo_model():
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+class TinyExport:
+    """A tiny random model, a guard calibrated on it, and its bundles (int8 and fp32 prober)."""
+
+    def __init__(self, arch: str, root: Path):
+        from steerguard.export.bundle import export_bundle
+        from steerguard.export.calibrate import CalibrationConfig, CalibrationData, calibrate
+        from steerguard.export.data import default_pairs
+        from steerguard.export.models import LoadedModel
+
+        pairs = [p for p in default_pairs() if p.source.startswith("contrast")][:40]
+        tok = tiny_tokenizer([t for p in pairs for t in (p.harmful, p.benign, p.refusal)])
+        self.lm = LoadedModel(model=tiny_model(arch, len(tok)), tokenizer=tok, source=f"tiny-{arch}",
+                              name=f"tiny-{arch}", sha256=f"{arch}-sha")
+        cfg = CalibrationConfig(refusal_targets=16, refusal_epochs=2, max_per_source=40)
+        self.guard = calibrate(self.lm, CalibrationData(pairs=pairs), cfg, progress=False)
+        self.bundle = export_bundle(self.lm, self.guard, root / "int8", progress=False)
+        self.bundle_fp32 = export_bundle(self.lm, self.guard, root / "fp32", prober_precision="fp32", progress=False)
+        self.plain = export_bundle(self.lm, None, root / "plain", progress=False)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_export(request, tmp_path_factory):
+    return TinyExport(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))

@@ -38,7 +38,7 @@ def test_calibration_writes_a_complete_guard(guard, tiny):
     assert guard.sas.layers == [1, 2, 3]
     assert guard.split_layer == guard.sas.best_layer == guard.prober.layer
     assert guard.model["architecture"] == tiny.model.config.model_type
-    assert guard.refusal.transform.shape == (32, 32)
+    assert guard.refusal.transform.shape == (64, 64)
     assert 0.2 <= guard.prober.tau <= 0.8
     losses = guard.refusal.metrics["loss_per_epoch"]
     assert losses[-1] < losses[0]

@@ -50,6 +50,7 @@ def parse_args(
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--tokens-out", type=Path, help="also write all new tokens of the last run (JSON)")
     if add_options is not None:
         add_options(ap)
     args = ap.parse_args()
@@ -101,4 +102,6 @@ def run_protocol(
         "threads": args.threads,
         "versions": versions,
     }
+    if args.tokens_out is not None and last is not None:
+        args.tokens_out.write_text(json.dumps(last.tokens))
     print(json.dumps(result), flush=True)

@@ -63,7 +63,7 @@ class Engine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The chain runs engines back to back: a session whose threads spin after its run would steal
         # the cores the next engine needs.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("STEERGUARD_SPIN", "0"))
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(backend.providers))
