@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -29,13 +30,18 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: all cores).")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: all cores).")
 @click.version_option(package_name="steerguard")
 def main(debug: bool, threads: int | None) -> None:
     """steerguard: AutoSteer safety guards for LLMs, deployable on-device.
 
     \b
     calibrate  find the safety-aware layer, train the prober and the refusal head
+    export     calibrate (or reuse a guard) and write a bundle: the split ONNX engine chain
+    run        answer a prompt with a bundle, streaming (lean runtime, no torch)
+    chat       multi-turn terminal chat with a bundle; the guard judges every user turn
+    inspect    print a bundle's manifest, SAS curve and engines
+    bench      time to first token, decode tokens/s, time per engine, peak memory
     generate   answer a prompt through the guarded model (PyTorch reference path)
     eval       guarded vs unguarded attack success rate, false refusals, prober AUROC
     """
@@ -43,6 +49,28 @@ def main(debug: bool, threads: int | None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if threads:
         os.environ["STEERGUARD_THREADS"] = str(threads)
+
+
+def sampling_options(f):
+    """--max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop -> one `sampling` argument."""
+    opts = [click.option("--max-new-tokens", type=int, default=128, show_default=True),
+            click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+            click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+            click.option("--top-p", type=float, default=1.0, show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the answer.")]
+
+    def wrapper(*args, max_new_tokens, temperature, top_k, top_p, seed, stop, **kw):
+        from .runtime.sampling import Sampling
+
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
+        sampling.check()
+        return f(*args, sampling=sampling, **kw)
+
+    functools.update_wrapper(wrapper, f)   # keeps the click options already attached to f
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 def _torch_threads() -> None:
@@ -141,21 +169,15 @@ def _print_summary(guard, out: Path) -> None:
 @click.option("--guard", "guard_dir", type=click.Path(path_type=Path), default=None,
               help="A guard folder from `steerguard calibrate` (omit to run the model unguarded).")
 @click.option("-p", "--prompt", required=True, help="The user's request.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(model, guard_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, as_json):
+def generate(model, guard_dir, prompt, sampling, as_json):
     """Answer PROMPT with MODEL through the guard (PyTorch reference path)."""
     _torch_threads()
     from .export.guard import Guard
     from .export.models import load_model
-    from .export.reference import ReferenceGuard, Sampling
+    from .export.reference import ReferenceGuard
 
-    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
-    sampling.check()
     guard = Guard.load(guard_dir) if guard_dir else None
     lm = load_model(model)
     out = ReferenceGuard(lm, guard).generate(prompt, sampling)
@@ -174,7 +196,8 @@ def generate(model, guard_dir, prompt, max_new_tokens, temperature, top_k, top_p
 
 @main.command("eval")
 @click.argument("model", default="demo")
-@click.option("--guard", "guard_dir", type=click.Path(path_type=Path), required=True, help="A guard folder.")
+@click.option("--guard", "guard_dir", type=click.Path(path_type=Path), default=None,
+              help="A guard folder (needed unless MODEL is a bundle).")
 @click.option("--harmful", "harmful_files", multiple=True,
               help="Harmful prompts FILE[:COLUMN[:CAPTION_COLUMN]] (default column 'prompt'). Repeatable.")
 @click.option("--benign", "benign_files", multiple=True, help="Benign prompts, same form. Repeatable.")
@@ -185,17 +208,21 @@ def generate(model, guard_dir, prompt, max_new_tokens, temperature, top_k, top_p
 @click.option("--risk-only", is_flag=True, help="Score the prober only; generate no answers.")
 @click.option("--keep-overlap", is_flag=True, help="Keep prompts that also appear in the calibration data.")
 def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens, limit, risk_only, keep_overlap):
-    """Guarded vs unguarded ASR, false refusals and prober AUROC of a guard on MODEL.
+    """Guarded vs unguarded ASR, false refusals and prober AUROC of a guard on MODEL (with --guard),
+    or of a bundle from `steerguard export` (MODEL is the bundle folder; runs the engine chain).
 
     With no --harmful/--benign, uses the shipped evaluation sets (held-out harmful requests, benign
     questions that sound dangerous, benign conversational requests)."""
     _torch_threads()
     from .export.data import data_path, default_benign, default_pairs, load_prompts, query_of
-    from .export.evaluate import evaluate, write_report
+    from .export.evaluate import BundleRunner, TorchRunner, evaluate, write_report
     from .export.guard import Guard
     from .export.models import load_model
 
-    guard = Guard.load(guard_dir)
+    bundle = (Path(model) / "manifest.json").exists()
+    if not bundle and guard_dir is None:
+        raise SteerguardError("give --guard DIR, or a bundle folder as MODEL")
+    guard = Guard.load(guard_dir) if guard_dir and not bundle else None
     sets = [_prompt_set(f, 1) for f in harmful_files] + [_prompt_set(f, 0) for f in benign_files]
     if not sets:
         sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1),
@@ -214,13 +241,21 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
             raise SteerguardError(f"no prompts left in {s.source} after dropping those in the calibration data "
                                   "(use --keep-overlap to keep them)")
     sets = [s.sample(limit) for s in sets]
-    lm = load_model(model)
-    guard.check_model(lm)
-    results = evaluate(lm, guard, sets, max_new_tokens, generate=not risk_only)
-    write_report(results, guard, out, {"max_new_tokens": max_new_tokens,
-                                       "dropped_calibration_overlap": dropped})
+    if bundle:
+        from .runtime.model import GuardedModel
+
+        gm = GuardedModel.load(model)
+        if not gm.guarded:
+            raise SteerguardError(f"{model} is an unguarded bundle; there is no guard to evaluate")
+        runner, name, layer, tau = BundleRunner(gm), gm.manifest.model["name"], gm.split_layer, gm.tau
+    else:
+        lm = load_model(model)
+        guard.check_model(lm)
+        runner, name, layer, tau = TorchRunner(lm, guard), guard.model["name"], guard.split_layer, guard.prober.tau
+    results = evaluate(runner, tau, sets, max_new_tokens, generate=not risk_only)
+    write_report(results, name, layer, tau, out, {"max_new_tokens": max_new_tokens, "runner": "bundle" if bundle
+                                                  else "torch", "dropped_calibration_overlap": dropped})
     click.echo((out / "report.md").read_text())
 
 
-if __name__ == "__main__":
-    main()
+from . import cli_bundle  # noqa: E402,F401  (registers export, run, chat, inspect, bench)

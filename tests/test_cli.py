@@ -7,7 +7,7 @@ from conftest import write_jsonl
 
 
 def steerguard(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "steerguard.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "steerguard", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def one_line_error(r, *fragments):

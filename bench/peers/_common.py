@@ -12,9 +12,10 @@ import argparse
 import json
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 CACHE = Path(os.environ.get("STEERGUARD_CACHE", Path.home() / ".cache" / "steerguard"))
 PEERS = CACHE / "peers"
@@ -79,9 +80,7 @@ def stats_of(gen: Generation, new_tokens: int) -> RunStats:
     )
 
 
-def run_protocol(
-    name: str, args: argparse.Namespace, generate: Generate, versions: dict[str, str]
-) -> None:
+def run_protocol(name: str, args: argparse.Namespace, generate: Generate, versions: dict[str, str]) -> None:
     """Warm up, time ``args.runs`` generations and print the JSON result line."""
     prompt = load_ids(args.ids_file)
     for _ in range(args.warmup):

@@ -45,6 +45,6 @@ def make_generate(model: Any, eos_token_id: int) -> Generate:
                 streamer=clock,
             )
         token_times = clock.times[1:]  # times[0] is the prompt
-        return Generation(out[0, len(prompt):].tolist(), t_start, token_times[0], token_times[-1])
+        return Generation(out[0, len(prompt) :].tolist(), t_start, token_times[0], token_times[-1])
 
     return generate

@@ -31,7 +31,7 @@ def main() -> None:
     ).eval()
     versions = {"transformers": transformers.__version__, "torch": torch.__version__}
     generate = make_generate(model, model.config.eos_token_id)
-    run_protocol(f"hf-eager-fp32-{args.attn}", args, generate, versions)
+    run_protocol(f"hf-fp32-{args.attn}", args, generate, versions)
 
 
 if __name__ == "__main__":

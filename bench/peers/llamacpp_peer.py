@@ -1,8 +1,8 @@
 """Peer: llama-cpp-python (llama.cpp CPU backend) on the demo's Q4_1 GGUF.
 
 Manual greedy loop over ``Llama.eval``: one batched prefill of the prompt ids,
-then one eval per new token.  The next token is the argmax of the last logits
-row with EOS masked out, so exactly --new-tokens tokens come out.
+then one eval per new token.  The next token is the argmax of llama.cpp's last
+logits row with EOS masked out, so exactly --new-tokens tokens come out.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ def main() -> None:
         logits_all=False,
         verbose=False,
     )
-    eos = llm.token_eos()
+    eos, n_vocab = llm.token_eos(), llm.n_vocab()
 
     def next_token() -> int:
-        logits = llm.scores[llm.n_tokens - 1]  # view of the last row; rewritten by the next eval
+        # Zero-copy view of llama.cpp's logits for the last evaluated token (rewritten by the next eval).
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
         logits[eos] = -np.inf
         return int(logits.argmax())
 

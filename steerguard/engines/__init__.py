@@ -8,6 +8,7 @@ install when they are missing."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,33 +53,65 @@ def default_threads() -> int:
     return int(value) if value else (os.cpu_count() or 1)
 
 
+_pool_threads: int | None = None
+
+
+def _use_shared_pool(threads: int) -> bool:
+    """One process-wide intra-op thread pool for all engines (set before the first session): the chain
+    runs engines back to back, and per-session pools would spin against each other on a few cores."""
+    global _pool_threads
+    if _pool_threads is None:
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            _pybind_state.set_global_thread_pool_sizes(threads, 1)
+            _pool_threads = threads
+        except Exception:   # too late (a session exists already) or not offered by this build
+            _pool_threads = -1
+    return _pool_threads == threads
+
+
 class Engine:
     """One ONNX graph loaded in an onnxruntime session."""
 
     def __init__(self, name: str, path: Path, backend: Backend, threads: int | None = None):
         self.name, self.path, self.backend = name, path, backend
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
+        threads = threads or default_threads()
+        if os.environ.get("STEERGUARD_POOL", "shared") == "shared" and _use_shared_pool(threads):
+            opts.use_per_session_threads = False
+        else:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            # per-session pools: a session whose threads spin after its run steals the next engine's cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The chain runs engines back to back: a session whose threads spin after its run would steal
-        # the cores the next engine needs.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("STEERGUARD_SPIN", "0"))
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(backend.providers))
         except Exception as e:  # onnxruntime raises several private exception types
             raise SteerguardError(f"{path}: onnxruntime cannot load this engine ({str(e).splitlines()[0][:200]})") from e
+        self.seconds = 0.0      # time spent in this engine, for `steerguard bench`
+        self.calls = 0
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
         """Plain run: numpy in, numpy out."""
         names = outputs or self.output_names
-        return dict(zip(names, self.session.run(names, feeds)))
+        t = time.perf_counter()
+        values = self.session.run(names, feeds)
+        self._count(t)
+        return dict(zip(names, values))
+
+    def _count(self, start: float) -> None:
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
 
     def binding(self) -> ort.IOBinding:
         return self.session.io_binding()
 
     def run_binding(self, binding: ort.IOBinding) -> None:
+        t = time.perf_counter()
         self.session.run_with_iobinding(binding)
+        self._count(t)

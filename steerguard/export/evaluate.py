@@ -101,39 +101,76 @@ class SetResult:
         return out
 
 
-def evaluate(lm, guard: Guard, sets: Sequence[PromptSet], max_new_tokens: int = 64, generate: bool = True,
-             batch_size: int = 16, progress: bool = True) -> list[SetResult]:
+class TorchRunner:
+    """Scores and answers through transformers (the reference path)."""
+
+    def __init__(self, lm, guard: Guard):
+        self.lm, self.guard = lm, guard
+
+    def risks(self, prompts: Sequence[str], batch_size: int = 16, progress=False) -> np.ndarray:
+        return guard_risks(self.lm, self.guard, prompts, batch_size, progress)
+
+    def answers(self, prompts: Sequence[str], steer: bool, max_new_tokens: int, batch_size: int = 16,
+                progress=False) -> list[str]:
+        if not steer:
+            return generate_batch(self.lm, prompts, max_new_tokens, batch_size, progress)
+        with refusal_lm_head(self.lm.model, self.guard.refusal.transform):
+            return generate_batch(self.lm, prompts, max_new_tokens, batch_size, progress)
+
+
+class BundleRunner:
+    """Scores and answers through an exported bundle's engine chain (the lean runtime)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def risks(self, prompts: Sequence[str], batch_size: int = 16, progress=False) -> np.ndarray:
+        return np.array([self.model.score(p) for p in tqdm(prompts, desc=progress or "risk", disable=not progress)])
+
+    def answers(self, prompts: Sequence[str], steer: bool, max_new_tokens: int, batch_size: int = 8,
+                progress=False) -> list[str]:
+        from ..runtime.sampling import Sampling
+
+        out: list[str] = []
+        s = Sampling(max_new_tokens=max_new_tokens)
+        for i in tqdm(range(0, len(prompts), batch_size), desc=progress or "generate", disable=not progress):
+            out += [r.text.strip() for r in self.model.generate_batch(prompts[i:i + batch_size], s, steer=steer)]
+        return out
+
+
+def evaluate(runner: TorchRunner | BundleRunner, tau: float, sets: Sequence[PromptSet], max_new_tokens: int = 64,
+             generate: bool = True, progress: bool = True) -> list[SetResult]:
     results = []
     for s in sets:
-        risk = guard_risks(lm, guard, s.prompts, batch_size, progress and f"risk {s.source}")
-        fired = ~(risk < guard.prober.tau)
+        risk = runner.risks(s.prompts, progress=progress and f"risk {s.source}")
+        fired = ~(risk < tau)
         unguarded = guarded = [""] * len(s.prompts)
         if generate:
-            unguarded = generate_batch(lm, s.prompts, max_new_tokens, batch_size, progress and f"unguarded {s.source}")
+            unguarded = runner.answers(s.prompts, False, max_new_tokens, progress=progress and f"unguarded {s.source}")
             guarded = list(unguarded)
             hit = [i for i in range(len(s.prompts)) if fired[i]]
             if hit:
-                with refusal_lm_head(lm.model, guard.refusal.transform):
-                    refusals = generate_batch(lm, [s.prompts[i] for i in hit], max_new_tokens, batch_size,
-                                              progress and f"guarded {s.source}")
+                refusals = runner.answers([s.prompts[i] for i in hit], True, max_new_tokens,
+                                          progress=progress and f"guarded {s.source}")
                 for i, a in zip(hit, refusals):
                     guarded[i] = a
         results.append(SetResult(s.source, s.label, s.prompts, risk, fired, unguarded, guarded, generate))
     return results
 
 
-def write_report(results: Sequence[SetResult], guard: Guard, out: Path, meta: dict) -> dict:
+def write_report(results: Sequence[SetResult], model_name: str, split_layer: int, tau: float, out: Path,
+                 meta: dict) -> dict:
     """eval.json (every prompt), summary table, report.md with risk histograms and the ROC curve."""
     out.mkdir(parents=True, exist_ok=True)
     risk = np.concatenate([r.risk for r in results])
     labels = np.concatenate([np.full(len(r.risk), r.label) for r in results])
-    summary = {"model": guard.model["name"], "split_layer": guard.split_layer, "tau": guard.prober.tau,
+    summary = {"model": model_name, "split_layer": split_layer, "tau": tau,
                "prober_auroc": auroc(risk, labels), "sets": [r.summary() for r in results], **meta}
     rows = [{"source": r.source, "label": r.label, "prompt": p, "risk": float(k), "fired": bool(f),
              "unguarded": u, "guarded": g}
             for r in results for p, k, f, u, g in zip(r.prompts, r.risk, r.fired, r.unguarded, r.guarded)]
     (out / "eval.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    _plots(results, guard.prober.tau, out)
+    _plots(results, tau, out)
     (out / "report.md").write_text(markdown_report(summary))
     return summary
 

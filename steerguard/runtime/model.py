@@ -22,7 +22,7 @@ from .chat import ChatTokenizer, Message, TextStream
 from .manifest import Manifest
 from .sampling import Sampling, sample
 
-Request = str | Sequence[Message]   # a prompt, or chat messages
+Request = str | Sequence[Message] | Sequence[int]   # a prompt, chat messages, or chat-formatted token ids
 
 
 @dataclass
@@ -110,6 +110,14 @@ class GuardedModel:
             return self.tokenizer.encode_prompt(request)
         if not request:
             raise SteerguardError("no chat messages given")
+        if all(isinstance(t, (int, np.integer)) for t in request):
+            ids = [int(t) for t in request]
+            if min(ids) < 0 or max(ids) >= self.manifest.model["vocab_size"]:
+                raise SteerguardError("token ids out of the vocabulary's range")
+            return ids
+        if any(m.get("role") == "user" and isinstance(m.get("content"), str) and not m["content"].strip()
+               for m in request if isinstance(m, dict)):
+            raise SteerguardError("the prompt is empty")
         return self.tokenizer.encode_chat(list(request))
 
     def _check_fits(self, ids: list[int], s: Sampling) -> None:
@@ -118,13 +126,14 @@ class GuardedModel:
                                   f"exceeds the model's context of {self.context} tokens: shorten it")
 
     # ---- the loop -------------------------------------------------------------------------------
-    def prefill(self, ids: list[int], cache: KVCache, row: int) -> tuple[np.ndarray, float | None]:
+    def prefill(self, ids: list[int], cache: KVCache, row: int, decoders: list | None = None
+                ) -> tuple[np.ndarray, float | None]:
         """Run one prompt into row `row` of the cache; return its last final hidden state and its risk."""
         x = self.embed.run({"input_ids": np.array([ids], np.int64)})["inputs_embeds"]
         cache.lengths[row] = len(ids)
         mask = np.ones((1, len(ids)), np.int64)
         risk = None
-        for engine, layers in self.decoders:
+        for engine, layers in decoders or self.decoders:
             b = engine.binding()
             b.bind_cpu_input(engine.input_names[0], x)
             b.bind_cpu_input("attention_mask", mask)
@@ -167,17 +176,29 @@ class GuardedModel:
         """Answer one prompt (or chat) through the guard."""
         return self.generate_batch([request], sampling, **kw)[0]
 
-    def generate_batch(self, requests: Sequence[Request], sampling: Sampling | None = None) -> list[GenerationResult]:
-        """Answer several requests together, each with its own guard decision."""
-        steps = self.decode_tokens(requests, sampling)
+    def score(self, request: Request) -> float:
+        """The guard's risk for a request: runs the chain only up to the prober."""
+        if not self.guarded:
+            raise SteerguardError("this bundle has no guard to score with")
+        ids = self.encode(request)
+        self._check_fits(ids, Sampling(max_new_tokens=1))
+        upto = [i for i, (eng, _) in enumerate(self.decoders) if eng is self.risk_engine][0] + 1
+        cache = KVCache(range(self.decoders[upto - 1][1].stop), 1, self.kv_heads, len(ids), self.head_dim)
+        return self.prefill(ids, cache, 0, self.decoders[:upto])[1]
+
+    def generate_batch(self, requests: Sequence[Request], sampling: Sampling | None = None,
+                       steer: bool | None = None) -> list[GenerationResult]:
+        """Answer several requests together, each with its own guard decision (`steer` True or False
+        forces the refusal or the plain head for every request, for evaluation)."""
+        steps = self.decode_tokens(requests, sampling, steer)
         while True:
             try:
                 next(steps)
             except StopIteration as done:
                 return done.value
 
-    def decode_tokens(self, requests: Sequence[Request], sampling: Sampling | None = None
-                      ) -> Generator[tuple[int, int], None, list[GenerationResult]]:
+    def decode_tokens(self, requests: Sequence[Request], sampling: Sampling | None = None,
+                      steer: bool | None = None) -> Generator[tuple[int, int], None, list[GenerationResult]]:
         """Yield (row, token) as tokens are decoded; return the results."""
         s = sampling or Sampling()
         s.check()
@@ -197,7 +218,9 @@ class GuardedModel:
         for row, ids in enumerate(prompts):
             last_hidden[row], risk = self.prefill(ids, cache, row)
             risks.append(risk)
-        fired = np.array([self.decide(r) for r in risks])
+        fired = np.array([self.decide(r) if steer is None else steer for r in risks])
+        if fired.any() and self.refusal is None:
+            raise SteerguardError("this bundle has no refusal head")
         t_prefill = time.perf_counter()
 
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -214,7 +237,7 @@ class GuardedModel:
                 if reasons[r] is not None:
                     continue
                 tok = int(nxt[r])
-                if tok in self.stop_ids:
+                if tok in self.stop_ids and not s.ignore_eos:
                     reasons[r] = "stop"
                     continue
                 tokens[r].append(tok)

@@ -19,6 +19,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()   # stop strings (not included in the answer)
+    ignore_eos: bool = False     # keep going past end-of-turn (benchmarks)
 
     def check(self) -> None:
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:

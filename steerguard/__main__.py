@@ -1,0 +1,4 @@
+"""`python -m steerguard`: the command line."""
+from .cli import main
+
+main()

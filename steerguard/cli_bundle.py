@@ -1,0 +1,211 @@
+"""Bundle commands: export (needs the export extra), and run, chat, inspect, bench (lean runtime only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .cli import _torch_threads, main, sampling_options
+from .errors import SteerguardError
+
+BACKEND = click.option("--backend", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
+                       show_default=True, help="Where the engines run.")
+
+
+def _load(bundle: Path, backend: str = "cpu"):
+    from .runtime.model import GuardedModel
+
+    return GuardedModel.load(bundle, backend=backend)
+
+
+def _decision(model, result) -> str:
+    if result.risk is None:
+        return "unguarded"
+    verdict = "REFUSAL HEAD" if result.fired else "pass"
+    return f"risk {result.risk:.3f} (tau {model.tau:.3f}) -> {verdict}"
+
+
+@main.command()
+@click.argument("model", default="demo")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="Bundle folder to write (written atomically).")
+@click.option("--guard", "guard_dir", type=click.Path(path_type=Path), default=None,
+              help="Reuse a guard from `steerguard calibrate` (default: calibrate now with the shipped data).")
+@click.option("--unguarded", is_flag=True, help="Export the model unsplit, with no guard (a speed baseline).")
+@click.option("--prober-precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True)
+@click.option("--context", type=int, default=None, help="Longest sequence the bundle serves (default: the model's).")
+def export(model, out, guard_dir, unguarded, prober_precision, context):
+    """Export MODEL as a bundle: the engine chain split at the guard's layer with the prober fused
+    into the `pre` engine, the heads, tokenizer, chat template and a manifest pinning every file."""
+    _torch_threads()
+    from .export.bundle import export_bundle
+    from .export.calibrate import CalibrationConfig, CalibrationData, calibrate
+    from .export.guard import Guard
+    from .export.models import load_model
+
+    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
+        raise SteerguardError(f"{out} exists and is not a bundle; choose another folder")
+    if guard_dir and unguarded:
+        raise SteerguardError("--guard and --unguarded exclude each other")
+    guard = Guard.load(guard_dir) if guard_dir else None
+    lm = load_model(model)
+    if guard is None and not unguarded:
+        click.echo("no --guard given: calibrating one with the shipped data first", err=True)
+        guard = calibrate(lm, CalibrationData.default(), CalibrationConfig())
+        guard.save(out.with_name(out.name + ".guard"))
+        click.echo(f"guard saved to {out.with_name(out.name + '.guard')}", err=True)
+    export_bundle(lm, guard, out, prober_precision=prober_precision, context=context)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    click.echo(f"bundle written to {out} ({size / 1e6:.0f} MB); try: steerguard run {out} -p \"Hello!\"")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help="The user's request.")
+@click.option("--system", default=None, help="A system message.")
+@sampling_options
+@BACKEND
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
+def run(bundle, prompt, system, sampling, backend, as_json):
+    """Answer PROMPT with BUNDLE, streaming; ends with one line: risk, decision, tokens/s."""
+    model = _load(bundle, backend)
+    request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if as_json:
+        r = model.generate(request, sampling)
+        click.echo(json.dumps({"text": r.text, "risk": r.risk, "fired": r.fired, "split_layer": r.split_layer,
+                               "finish_reason": r.finish_reason, "timings": r.timings}))
+        return
+    stream = model.stream(request, sampling)
+    for piece in stream:
+        click.echo(piece, nl=False)
+    r = stream.result
+    click.echo("")
+    tps = f"{r.timings['decode_tok_s']:.1f} tok/s" if r.timings["decode_tok_s"] else "-"
+    click.echo(f"[{_decision(model, r)} | layer {r.split_layer} | {len(r.token_ids)} tokens, {tps}, "
+               f"first token {1000 * r.timings['first_token_s']:.0f} ms]", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="A system message.")
+@sampling_options
+@BACKEND
+def chat(bundle, system, sampling, backend):
+    """Multi-turn chat in the terminal. The guard judges every user turn (with the conversation so
+    far); /reset starts over, /quit or Ctrl-D leaves."""
+    model = _load(bundle, backend)
+    history = [{"role": "system", "content": system}] if system else []
+    click.echo(f"chatting with {model.manifest.model['name']} "
+               f"({'guarded at layer %d' % model.split_layer if model.guarded else 'unguarded'}); /quit to leave")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            click.echo("")
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            stream = model.stream(history, sampling)
+            click.echo("bot> ", nl=False)
+            for piece in stream:
+                click.echo(piece, nl=False)
+        except SteerguardError as e:     # e.g. the conversation outgrew the context: say so, keep the chat
+            history.pop()
+            click.echo(f"\nerror: {e}", err=True)
+            continue
+        r = stream.result
+        click.echo("")
+        click.echo(f"  [{_decision(model, r)}]", err=True)
+        history.append({"role": "assistant", "content": r.text})
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
+def inspect(bundle, no_verify):
+    """Print BUNDLE's manifest: the model, the guard, the SAS curve and the engine chain."""
+    from .runtime.manifest import Manifest
+
+    m = Manifest.load(bundle, verify=not no_verify)
+    mod = m.model
+    click.echo(f"bundle   {m.root}  (schema {m.data['schema']}, steerguard {m.data.get('steerguard_version')}, "
+               f"{m.data.get('created')}; {'all sha256 verified' if not no_verify else 'not verified'})")
+    click.echo(f"model    {mod['name']} ({mod['architecture']}): {mod['num_layers']} layers, d={mod['hidden_size']}, "
+               f"V={mod['vocab_size']}, heads {mod['num_heads']}/{mod['num_kv_heads']} kv, context {mod['context']}")
+    click.echo(f"         source {mod['source']}, sha256 {mod['sha256'][:16]}...")
+    g = m.guard
+    if g:
+        pm = g.get("prober_metrics", {})
+        click.echo(f"guard    split layer {g['split_layer']}, tau {g['tau']:.3f}, eps {g['eps']}, prober "
+                   f"{g['feature']} token -> {g['prober_hidden']} -> 2 ({g['prober_precision']}), val AUROC "
+                   f"{pm.get('val_auroc', float('nan')):.3f}")
+        click.echo("SAS")
+        scores = g["sas"]["scores"]
+        top = max(scores)
+        for layer, score in zip(g["sas"]["layers"], scores):
+            bar = "#" * max(0, round(40 * score / top)) if top > 0 else ""
+            mark = "  <- split" if layer == g["split_layer"] else ""
+            click.echo(f"  {layer:>3} {score:7.3f} {bar}{mark}")
+    else:
+        click.echo("guard    none (unguarded bundle)")
+    click.echo("engines")
+    for e in m.engines:
+        size = sum(m.path(f).stat().st_size for f in [e["file"], *e.get("data_files", [])])
+        layers = f"layers {e['layers'][0]}-{e['layers'][1] - 1}" if "layers" in e else ""
+        extra = f", prober {e['prober']}" if "prober" in e else ""
+        click.echo(f"  {e['name']:<8} {e['role']:<8} {e['precision']:<5} {size / 1e6:8.1f} MB  {layers}{extra}  "
+                   f"in: {_names(e['inputs'])}  out: {_names(e['outputs'])}")
+
+
+def _names(names: list[str]) -> str:
+    """Collapse per-layer cache names: past_key_values.0..21.key/value."""
+    plain = [n for n in names if not n.startswith(("past_key_values.", "present."))]
+    cache = len(names) - len(plain)
+    return ", ".join(plain) + (f" + {cache} cache tensors" if cache else "")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=int, default=68, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--runs", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--refusal", is_flag=True, help="Time the refusal head path instead of the plain head.")
+@BACKEND
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundle, prompt_tokens, new_tokens, runs, warmup, refusal, backend, as_json):
+    """Time to first token, decode tokens/s (median of --runs after --warmup, greedy, exactly
+    --new-tokens tokens), time in each engine, peak memory and achieved memory bandwidth."""
+    from dataclasses import asdict
+
+    from .runtime.bench import bench as run_bench, copy_bandwidth_gbs, decode_weight_bytes, prompt_of_length
+
+    if runs < 1 or warmup < 0 or new_tokens < 2:
+        raise SteerguardError("--runs must be >= 1, --warmup >= 0 and --new-tokens >= 2")
+    model = _load(bundle, backend)
+    ids = prompt_of_length(model, prompt_tokens)
+    r = run_bench(model, ids, new_tokens, runs, warmup, steer=True if refusal else None)
+    weights = decode_weight_bytes(model)
+    copy = copy_bandwidth_gbs()
+    achieved = weights * r.decode_tok_s / 1e9
+    if as_json:
+        click.echo(json.dumps({**asdict(r), "weight_bytes": weights, "achieved_gbs": achieved, "copy_gbs": copy}))
+        return
+    click.echo(f"{model.manifest.model['name']}  {bundle}  ({backend}, {r.prompt_tokens}-token prompt, "
+               f"{new_tokens} new tokens, median of {runs})")
+    click.echo(f"  time to first token   {r.ttft_ms:8.1f} ms")
+    click.echo(f"  decode                {r.decode_tok_s:8.1f} tok/s")
+    click.echo(f"  bandwidth             {achieved:8.1f} GB/s of {copy:.1f} GB/s copy bandwidth "
+               f"({100 * achieved / copy:.0f}%; {weights / 1e6:.0f} MB read per token)")
+    click.echo(f"  peak memory (RSS)     {r.peak_rss_mb:8.0f} MB")
+    click.echo("  time per token in each engine (last run): " +
+               ", ".join(f"{k} {v:.2f} ms" for k, v in r.engine_ms_per_token.items()))

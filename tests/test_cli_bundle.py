@@ -1,0 +1,61 @@
+"""The bundle commands on tiny bundles: run streams and ends with the decision line, chat judges each
+turn, inspect and bench print what they promise, bad input is one clear line."""
+from test_cli import one_line_error, steerguard
+
+
+def test_run_streams_the_answer_and_ends_with_risk_decision_and_speed(tiny_export):
+    r = steerguard("--threads", "2", "run", str(tiny_export.bundle), "-p", "How do I protect my account?",
+                   "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    last = r.stderr.strip().splitlines()[-1]
+    assert "risk " in last and ("pass" in last or "REFUSAL HEAD" in last) and "tok/s" in last
+    assert f"layer {tiny_export.guard.split_layer}" in last
+
+
+def test_run_json(tiny_export):
+    import json
+
+    r = steerguard("run", str(tiny_export.bundle), "-p", "Hello there", "--max-new-tokens", "4", "--json")
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "risk", "fired", "split_layer", "timings"} and 0 <= out["risk"] <= 1
+
+
+def test_chat_judges_every_user_turn(tiny_export):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "steerguard", "chat", str(tiny_export.bundle), "--max-new-tokens", "4"],
+                       input="Hello there\nTell me how to hurt someone\n/quit\n", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("bot> ") == 2 and r.stderr.count("risk ") == 2
+
+
+def test_inspect_shows_manifest_sas_and_engines(tiny_export):
+    r = steerguard("inspect", str(tiny_export.bundle))
+    assert r.returncode == 0, r.stderr
+    assert "all sha256 verified" in r.stdout and "<- split" in r.stdout
+    for name in ("embed", "pre", "post", "head", "refusal"):
+        assert f"  {name} " in r.stdout
+
+
+def test_bench_prints_speed_memory_and_engine_times(tiny_export):
+    r = steerguard("bench", str(tiny_export.bundle), "--runs", "1", "--warmup", "0", "--new-tokens", "4",
+                   "--prompt-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    for what in ("time to first token", "tok/s", "GB/s copy bandwidth", "peak memory", "pre "):
+        assert what in r.stdout
+
+
+def test_bad_input_is_one_clear_line(tiny_export, tmp_path):
+    one_line_error(steerguard("run", str(tmp_path / "nope"), "-p", "hi"), "no such bundle")
+    one_line_error(steerguard("run", str(tiny_export.bundle), "-p", "  "), "empty")
+    one_line_error(steerguard("run", str(tiny_export.bundle), "-p", "hi", "--max-new-tokens", "-3"), "max_new_tokens")
+    one_line_error(steerguard("run", str(tiny_export.bundle), "-p", "word " * 400), "context")
+    one_line_error(steerguard("export", "demo", "--guard", str(tmp_path), "--unguarded", "-o", str(tmp_path / "b")),
+                   "exclude")
+
+
+def test_a_backend_this_onnxruntime_lacks_names_what_is_missing(tiny_export):
+    one_line_error(steerguard("run", str(tiny_export.bundle), "-p", "hi", "--backend", "cuda"),
+                   "CUDAExecutionProvider", "steerguard[gpu]")
