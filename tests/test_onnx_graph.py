@@ -4,6 +4,7 @@ import numpy as np
 import onnxruntime as ort
 
 from steerguard.export.onnx_graph import ProberWeights, decoder_engine, dequantized_prober_w1, save_engine
+from steerguard.engines import session_options
 from steerguard.export.arch import DecoderSpec
 
 
@@ -21,7 +22,7 @@ def test_pre_engine_risk_is_nan_when_the_state_is_not_finite(tiny_export, tmp_pa
     p = tiny_export.guard.prober
     path = tmp_path / "pre.onnx"
     save_engine(decoder_engine(spec, 0, 1, final_norm=False, prober=ProberWeights(p.w1, p.b1, p.w2, p.b2)), path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
     x = np.random.default_rng(0).normal(size=(1, 3, spec.hidden_size)).astype(np.float32)
     feeds = {"attention_mask": np.ones((1, 3), np.int64), "past_key_values.0.key": empty,

@@ -53,22 +53,39 @@ def default_threads() -> int:
     return int(value) if value else (os.cpu_count() or 1)
 
 
-_pool_threads: int | None = None
+_pool_threads: int | None = None   # size of the process-wide pool once made; -1 when sessions own theirs
 
 
-def _use_shared_pool(threads: int) -> bool:
-    """One process-wide intra-op thread pool for all engines (set before the first session): the chain
-    runs engines back to back, and per-session pools would spin against each other on a few cores."""
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options for every onnxruntime session in a process that runs steerguard engines.
+
+    By default all sessions share one process-wide intra-op pool, made when the first engine loads: the
+    chain runs engines back to back, and per-session pools either spin against each other on a few cores
+    or (spinning off) pay a wake-up per operator, 10-15% of decode speed on 2 cores. onnxruntime then
+    requires every later session in the process to use it, hence this function for any other session an
+    application makes. STEERGUARD_POOL=own gives each session its own pool instead (set it before loading)."""
     global _pool_threads
+    threads = threads or default_threads()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
     if _pool_threads is None:
-        try:
-            from onnxruntime.capi import _pybind_state
+        _pool_threads = -1
+        if os.environ.get("STEERGUARD_POOL", "shared") == "shared":
+            try:
+                from onnxruntime.capi import _pybind_state
 
-            _pybind_state.set_global_thread_pool_sizes(threads, 1)
-            _pool_threads = threads
-        except Exception:   # too late (a session exists already) or not offered by this build
-            _pool_threads = -1
-    return _pool_threads == threads
+                _pybind_state.set_global_thread_pool_sizes(threads, 1)
+                _pool_threads = threads
+            except Exception:   # not offered by this onnxruntime build, or a session already exists
+                pass
+    if _pool_threads > 0:
+        opts.use_per_session_threads = False
+    else:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 class Engine:
@@ -76,17 +93,7 @@ class Engine:
 
     def __init__(self, name: str, path: Path, backend: Backend, threads: int | None = None):
         self.name, self.path, self.backend = name, path, backend
-        opts = ort.SessionOptions()
-        threads = threads or default_threads()
-        if os.environ.get("STEERGUARD_POOL", "shared") == "shared" and _use_shared_pool(threads):
-            opts.use_per_session_threads = False
-        else:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            # per-session pools: a session whose threads spin after its run steals the next engine's cores
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(backend.providers))
         except Exception as e:  # onnxruntime raises several private exception types

@@ -47,7 +47,8 @@ class Graph:
         self._n = 0
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        value = np.asarray(value)   # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
+        self.inits.append(numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
@@ -105,11 +106,9 @@ def dequantized_prober_w1(w1: np.ndarray) -> np.ndarray:
 
 
 def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
-    """risk = sigmoid(l1 - l0) of the MLP on the last position; NaN whenever that state is not finite."""
-    last = g.one("Slice", [hidden, g.const("prober/start", np.array([-1], np.int64)),
-                           g.const("prober/end", np.array([np.iinfo(np.int64).max], np.int64)),
-                           g.const("prober/axis", np.array([1], np.int64))])
-    x = g.one("Squeeze", [last, g.const("prober/squeeze", np.array([1], np.int64))])      # (B, d)
+    """risk = sigmoid(l1 - l0) of the MLP on the last position, NaN whenever that state is not finite.
+    Few nodes: it runs on every decode step too, where its output is not needed."""
+    x = g.one("Gather", [hidden, g.const("prober/last", np.array(-1, np.int64))], axis=1)      # (B, d)
     if p.precision == "int8":
         q, row, col = quantize_prober_w1(p.w1)
         w1 = g.one("DequantizeLinear", [g.const("prober/w1_int8", q), g.const("prober/w1_scale", col)], axis=1)
@@ -117,14 +116,15 @@ def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
     else:
         w1, x1 = g.const("prober/w1", p.w1.astype(np.float32)), x
     h = g.one("Relu", [g.one("Add", [g.one("MatMul", [x1, w1]), g.const("prober/b1", p.b1.astype(np.float32))])])
-    logits = g.one("Add", [g.one("MatMul", [h, g.const("prober/w2", p.w2.astype(np.float32))]),
-                           g.const("prober/b2", p.b2.astype(np.float32))])
-    l0, l1 = g.op("Split", [logits], n_out=2, axis=1, num_outputs=2)
-    margin = g.one("Squeeze", [g.one("Sub", [l1, l0]), g.const("prober/squeeze1", np.array([1], np.int64))])
-    # x * 0 is NaN exactly where x is NaN or inf; Relu would otherwise swallow a NaN into 0
-    poison = g.one("ReduceSum", [g.one("Mul", [x, g.const("prober/zero", np.zeros(1, np.float32))]),
-                                 g.const("prober/axes", np.array([1], np.int64))], keepdims=0)
-    g.op("Sigmoid", [g.one("Add", [margin, poison])], outputs=["risk"])
+    # l1 - l0 in one (hidden, 1) matmul; kept 2-D until the end (ORT mis-infers a 1-D MatMul + Add here)
+    w2 = (p.w2[:, 1:] - p.w2[:, :1]).astype(np.float32)
+    margin = g.one("Add", [g.one("MatMul", [h, g.const("prober/w2_margin", w2)]),
+                           g.const("prober/b2_margin", np.array([p.b2[1] - p.b2[0]], np.float32))])   # (B, 1)
+    # sum(x) * 0 is NaN exactly when x holds a NaN or an inf; Relu would otherwise turn a NaN into 0
+    poison = g.one("Mul", [g.one("ReduceSum", [x, g.const("prober/axes", np.array([1], np.int64))], keepdims=1),
+                           g.const("prober/zero", np.array(0, np.float32))])
+    g.op("Squeeze", [g.one("Sigmoid", [g.one("Add", [margin, poison])]), g.const("prober/axis1", np.array([1], np.int64))],
+         outputs=["risk"])
     return "risk"
 
 

@@ -1,0 +1,149 @@
+"""Decode speed of the guarded engine chain against the same model unsplit and unguarded, and against
+what users would pick instead, all in one run on the same prompt ids.
+
+    python bench/speed.py [--guard runs/final-guard] [--runs 5] [--threads 2] [--new-tokens 128]
+
+Writes docs/bench_speed.md and docs/bench_speed.json. Peers come from bench/peers (set them up with
+`bash bench/peers/setup.sh`); a peer whose venv is missing is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("STEERGUARD_CACHE", Path.home() / ".cache" / "steerguard"))
+PEERS = CACHE / "peers"
+BUNDLES = CACHE / "bench"
+
+
+def ensure_bundles(guard_dir: Path | None) -> dict[str, Path]:
+    """The demo model exported guarded (split, int8 prober) and unguarded (one decoder engine)."""
+    guarded, plain = BUNDLES / "demo-guarded", BUNDLES / "demo-unsplit"
+    if (guarded / "manifest.json").exists() and (plain / "manifest.json").exists():
+        return {"guarded": guarded, "unsplit": plain}
+    from steerguard.export.bundle import export_bundle
+    from steerguard.export.calibrate import CalibrationConfig, CalibrationData, calibrate
+    from steerguard.export.guard import Guard
+    from steerguard.export.models import load_model
+
+    lm = load_model("demo")
+    if guard_dir and guard_dir.exists():
+        guard = Guard.load(guard_dir)
+    else:   # speed does not depend on what the guard learned: a small calibration will do
+        guard = calibrate(lm, CalibrationData.default(), CalibrationConfig(max_per_source=60, refusal_targets=60))
+    export_bundle(lm, guard, guarded)
+    export_bundle(lm, None, plain)
+    return {"guarded": guarded, "unsplit": plain}
+
+
+def run_json(cmd: list[str], env: dict | None = None) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def ours(bundle: Path, a: argparse.Namespace, refusal: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "steerguard", "--threads", str(a.threads), "bench", str(bundle), "--json",
+           "--runs", str(a.runs), "--warmup", "1", "--new-tokens", str(a.new_tokens),
+           "--prompt-tokens", str(a.prompt_tokens)] + (["--refusal"] if refusal else [])
+    return run_json(cmd)
+
+
+def peer(name: str, python: Path, script: str, ids_file: Path, a: argparse.Namespace, *extra: str) -> dict:
+    if not python.exists():
+        return {"error": f"skipped: {python} missing (bash bench/peers/setup.sh)"}
+    return run_json([str(python), str(ROOT / "bench" / "peers" / script), "--ids-file", str(ids_file),
+                     "--runs", str(a.runs), "--warmup", "1", "--new-tokens", str(a.new_tokens),
+                     "--threads", str(a.threads), *extra])
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--guard", type=Path, default=ROOT / "runs" / "final-guard")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=68)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench_speed")
+    a = ap.parse_args()
+
+    bundles = ensure_bundles(a.guard)
+    from steerguard.runtime.bench import copy_bandwidth_gbs, decode_weight_bytes, prompt_of_length
+    from steerguard.runtime.model import GuardedModel
+
+    gm = GuardedModel.load(bundles["guarded"], verify=False)
+    ids = prompt_of_length(gm, a.prompt_tokens)
+    weights = decode_weight_bytes(gm)
+    del gm
+    ids_file = BUNDLES / "bench_ids.json"
+    ids_file.write_text(json.dumps(ids))
+
+    rows: list[tuple[str, dict]] = []
+
+    def add(name: str, result: dict) -> None:
+        rows.append((name, result))
+        shown = (f"{result['decode_tok_s']:.1f} tok/s, first token {result['ttft_ms']:.0f} ms"
+                 if "error" not in result else result["error"])
+        print(f"{name:<42} {shown}", flush=True)
+
+    add("steerguard guarded chain (split 22, int8 prober)", ours(bundles["guarded"], a))
+    add("steerguard same model unsplit, unguarded", ours(bundles["unsplit"], a))
+    add("steerguard guarded chain, refusal head path", ours(bundles["guarded"], a, refusal=True))
+    add("onnxruntime-genai fp32", peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a))
+    add("optimum ORTModelForCausalLM fp32", peer("optimum", PEERS / "optimum/bin/python", "optimum_peer.py",
+                                                ids_file, a))
+    add("transformers eager (sdpa) fp32", peer("hf", Path(sys.executable), "hf_peer.py", ids_file, a))
+    copy = copy_bandwidth_gbs()
+
+    guarded, unsplit, genai = rows[0][1], rows[1][1], rows[3][1]
+    ratios = {}
+    if "error" not in guarded and "error" not in unsplit:
+        ratios["decode guarded / unsplit"] = guarded["decode_tok_s"] / unsplit["decode_tok_s"]
+        ratios["first token guarded / unsplit"] = guarded["ttft_ms"] / unsplit["ttft_ms"]
+    if "error" not in guarded and "error" not in genai:
+        ratios["decode guarded / onnxruntime-genai"] = guarded["decode_tok_s"] / genai["decode_tok_s"]
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [f"# Decode speed — demo model (SmolLM2-135M-Instruct, fp32)", "",
+             f"`python bench/speed.py --runs {a.runs} --threads {a.threads}` on {date}; {machine()}.",
+             f"{len(ids)}-token prompt (same ids for every runner), {a.new_tokens} new tokens, greedy, batch 1, "
+             f"{a.threads} threads, median of {a.runs} runs after 1 warm-up. Copy bandwidth {copy:.1f} GB/s; "
+             f"{weights / 1e6:.0f} MB of weights read per token, so the floor is {copy * 1e9 / weights:.0f} tok/s.", "",
+             "| runner | decode tok/s | time to first token | achieved bandwidth |", "|---|---|---|---|"]
+    for name, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | {r['error']} | | |")
+        else:
+            bw = weights * r["decode_tok_s"] / 1e9
+            lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} ms | {bw:.1f} GB/s "
+                         f"({100 * bw / copy:.0f}% of copy) |")
+    lines += ["", *(f"- {k}: **{v:.3f}**" for k, v in ratios.items()), ""]
+    if "engine_ms_per_token" in guarded:
+        lines.append("Time per token in each engine (guarded chain): " +
+                     ", ".join(f"{k} {v:.2f} ms" for k, v in guarded["engine_ms_per_token"].items()))
+        lines.append(f"Peak memory of the guarded chain's process (RSS): {guarded['peak_rss_mb']:.0f} MB")
+    text = "\n".join(lines) + "\n"
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".md").write_text(text)
+    a.out.with_suffix(".json").write_text(json.dumps({"date": date, "machine": machine(), "copy_gbs": copy,
+                                                      "weight_bytes": weights, "prompt_ids": ids,
+                                                      "ratios": ratios, "rows": dict(rows)}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
