@@ -34,9 +34,12 @@ def _decision(model, result) -> str:
 @click.option("--guard", "guard_dir", type=click.Path(path_type=Path), default=None,
               help="Reuse a guard from `steerguard calibrate` (default: calibrate now with the shipped data).")
 @click.option("--unguarded", is_flag=True, help="Export the model unsplit, with no guard (a speed baseline).")
+@click.option("--precision", default="fp32", show_default=True, metavar="fp32|fp16|int8|int4",
+              help="Weights of the decoder and head engines: fp32; int8 or int4 (weight-only, for CPUs); fp16 (GPUs).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int8/int4 quantization block size.")
 @click.option("--prober-precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True)
 @click.option("--context", type=int, default=None, help="Longest sequence the bundle serves (default: the model's).")
-def export(model, out, guard_dir, unguarded, prober_precision, context):
+def export(model, out, guard_dir, unguarded, precision, block_size, prober_precision, context):
     """Export MODEL as a bundle: the engine chain split at the guard's layer with the prober fused
     into the `pre` engine, the heads, tokenizer, chat template and a manifest pinning every file."""
     _torch_threads()
@@ -49,6 +52,9 @@ def export(model, out, guard_dir, unguarded, prober_precision, context):
         raise SteerguardError(f"{out} exists and is not a bundle; choose another folder")
     if guard_dir and unguarded:
         raise SteerguardError("--guard and --unguarded exclude each other")
+    from .export.quantize import check_precision
+
+    check_precision(precision, block_size)
     guard = Guard.load(guard_dir) if guard_dir else None
     lm = load_model(model)
     if guard is None and not unguarded:
@@ -56,7 +62,8 @@ def export(model, out, guard_dir, unguarded, prober_precision, context):
         guard = calibrate(lm, CalibrationData.default(), CalibrationConfig())
         guard.save(out.with_name(out.name + ".guard"))
         click.echo(f"guard saved to {out.with_name(out.name + '.guard')}", err=True)
-    export_bundle(lm, guard, out, prober_precision=prober_precision, context=context)
+    export_bundle(lm, guard, out, precision=precision, block_size=block_size, prober_precision=prober_precision,
+                  context=context)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     click.echo(f"bundle written to {out} ({size / 1e6:.0f} MB); try: steerguard run {out} -p \"Hello!\"")
 
@@ -174,7 +181,7 @@ def _names(names: list[str]) -> str:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--prompt-tokens", type=int, default=68, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True)
@@ -182,30 +189,40 @@ def _names(names: list[str]) -> str:
 @click.option("--refusal", is_flag=True, help="Time the refusal head path instead of the plain head.")
 @BACKEND
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle, prompt_tokens, new_tokens, runs, warmup, refusal, backend, as_json):
+def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, as_json):
     """Time to first token, decode tokens/s (median of --runs after --warmup, greedy, exactly
-    --new-tokens tokens), time in each engine, peak memory and achieved memory bandwidth."""
+    --new-tokens tokens), time in each engine, peak memory and achieved memory bandwidth. Several
+    BUNDLES (e.g. one per precision) are measured one after another and compared side by side."""
     from dataclasses import asdict
 
     from .runtime.bench import bench as run_bench, copy_bandwidth_gbs, decode_weight_bytes, prompt_of_length
 
     if runs < 1 or warmup < 0 or new_tokens < 2:
         raise SteerguardError("--runs must be >= 1, --warmup >= 0 and --new-tokens >= 2")
-    model = _load(bundle, backend)
-    ids = prompt_of_length(model, prompt_tokens)
-    r = run_bench(model, ids, new_tokens, runs, warmup, steer=True if refusal else None)
-    weights = decode_weight_bytes(model)
     copy = copy_bandwidth_gbs()
-    achieved = weights * r.decode_tok_s / 1e9
+    rows = []
+    for bundle in bundles:
+        model = _load(bundle, backend)
+        ids = prompt_of_length(model, prompt_tokens)
+        r = run_bench(model, ids, new_tokens, runs, warmup, steer=True if refusal else None)
+        weights = decode_weight_bytes(model)
+        rows.append((bundle, model, r, weights, weights * r.decode_tok_s / 1e9))
     if as_json:
-        click.echo(json.dumps({**asdict(r), "weight_bytes": weights, "achieved_gbs": achieved, "copy_gbs": copy}))
+        out = [{**asdict(r), "bundle": str(b), "precision": m.manifest.data.get("precision", "fp32"),
+                "weight_bytes": w, "achieved_gbs": bw, "copy_gbs": copy} for b, m, r, w, bw in rows]
+        click.echo(json.dumps(out[0] if len(out) == 1 else out))
         return
-    click.echo(f"{model.manifest.model['name']}  {bundle}  ({backend}, {r.prompt_tokens}-token prompt, "
-               f"{new_tokens} new tokens, median of {runs})")
-    click.echo(f"  time to first token   {r.ttft_ms:8.1f} ms")
-    click.echo(f"  decode                {r.decode_tok_s:8.1f} tok/s")
-    click.echo(f"  bandwidth             {achieved:8.1f} GB/s of {copy:.1f} GB/s copy bandwidth "
-               f"({100 * achieved / copy:.0f}%; {weights / 1e6:.0f} MB read per token)")
-    click.echo(f"  peak memory (RSS)     {r.peak_rss_mb:8.0f} MB")
-    click.echo("  time per token in each engine (last run): " +
-               ", ".join(f"{k} {v:.2f} ms" for k, v in r.engine_ms_per_token.items()))
+    first = rows[0][2]
+    click.echo(f"{rows[0][1].manifest.model['name']} ({backend}, {first.prompt_tokens}-token prompt, {new_tokens} new "
+               f"tokens, median of {runs}; machine copy bandwidth {copy:.1f} GB/s)")
+    click.echo(f"  {'bundle':<28} {'precision':<9} {'first token':>11} {'decode':>12} {'vs first':>8} "
+               f"{'MB/token':>9} {'bandwidth':>17}")
+    for bundle, model, r, weights, bw in rows:
+        click.echo(f"  {str(bundle)[-28:]:<28} {model.manifest.data.get('precision', 'fp32'):<9} "
+                   f"{r.ttft_ms:8.1f} ms {r.decode_tok_s:7.1f} tok/s {r.decode_tok_s / first.decode_tok_s:7.2f}x "
+                   f"{weights / 1e6:9.0f} {bw:6.1f} GB/s ({100 * bw / copy:3.0f}%)")
+    for bundle, model, r, _, _ in rows:
+        click.echo(f"  time per token in each engine, {str(bundle)[-28:]}: " +
+                   ", ".join(f"{k} {v:.2f} ms" for k, v in r.engine_ms_per_token.items()))
+    click.echo(f"  peak memory (RSS) of this process: {rows[-1][2].peak_rss_mb:.0f} MB"
+               + (" (all bundles above; bench one bundle for its own figure)" if len(rows) > 1 else ""))

@@ -51,3 +51,26 @@ def test_benign_request_is_answered_exactly_as_without_the_guard(demo_model, dem
     assert not guarded.fired, guarded.risk
     assert guarded.token_ids == plain.token_ids
     assert "Paris" in plain.text or "chocolate" in plain.text.lower()
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(demo_model, demo_guard, tmp_path_factory):
+    from steerguard.export.bundle import export_bundle
+    from steerguard.runtime import GuardedModel
+
+    return GuardedModel.load(export_bundle(demo_model, demo_guard, tmp_path_factory.mktemp("b") / "bundle",
+                                           progress=False), threads=2)
+
+
+def test_bundle_refuses_the_harmful_request_through_the_engine_chain(demo_bundle):
+    out = demo_bundle.generate(HARMFUL[0], Sampling(max_new_tokens=40))
+    assert out.fired and out.split_layer == demo_bundle.split_layer
+    assert opens_with_refusal(out.text), out.text
+
+
+def test_bundle_answers_benign_requests_token_for_token_like_the_unguarded_model(demo_model, demo_bundle):
+    s = Sampling(max_new_tokens=32)
+    outs = demo_bundle.generate_batch(BENIGN, s)
+    for prompt, out in zip(BENIGN, outs):
+        assert not out.fired
+        assert out.token_ids == ReferenceGuard(demo_model, None).generate(prompt, s).token_ids

@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -23,6 +24,7 @@ from ..runtime.manifest import MANIFEST, SCHEMA
 from .arch import DecoderSpec
 from .guard import Guard
 from .models import LoadedModel, sha256_file
+from .quantize import check_precision, quantize
 from .onnx_graph import (ProberWeights, decoder_engine, embed_engine, head_engine, past_names, present_names,
                          refusal_engine, save_engine)
 from .refusal import end_of_turn_ids
@@ -30,10 +32,13 @@ from .refusal import end_of_turn_ids
 PROBER_PRECISIONS = ("int8", "fp32")
 
 
-def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prober_precision: str = "int8",
-                  context: int | None = None, progress: bool = True) -> Path:
-    """Export `lm` split at the guard's layer (or unsplit and unguarded when `guard` is None).
-    Written to `out.partial` and renamed at the end, so `out` never holds a half-written bundle."""
+def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, precision: str = "fp32",
+                  block_size: int = 32, prober_precision: str = "int8", context: int | None = None,
+                  progress: bool = True) -> Path:
+    """Export `lm` split at the guard's layer (or unsplit and unguarded when `guard` is None), the
+    decoder and head engines' weights at `precision`. Written to `out.partial` and renamed at the
+    end, so `out` never holds a half-written bundle."""
+    check_precision(precision, block_size)
     if prober_precision not in PROBER_PRECISIONS:
         raise SteerguardError(f"unknown prober precision {prober_precision!r}; choose int8 or fp32")
     if guard is not None:
@@ -68,10 +73,17 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prob
         chain.append(("refusal", "refusal", lambda: refusal_engine(guard.refusal.transform), {}))
 
     engines = []
-    for name, role, build, extra in tqdm(chain, desc="export engines", unit="engine", disable=not progress):
+    for name, role, build, extra in tqdm(chain, desc=f"export engines ({precision})", unit="engine",
+                                         disable=not progress):
         model = build()
+        weights, other = _weight_counts(model)
+        engine_precision = precision if role in ("decoder", "head") else "fp32"
+        model = quantize(model, engine_precision, block_size)
         files = save_engine(model, tmp / "engines" / f"{name}.onnx")
-        engines.append({"name": name, "role": role, "file": f"engines/{name}.onnx", "precision": "fp32",
+        if engine_precision in ("int8", "int4"):
+            extra = {**extra, "block_size": block_size}
+        engines.append({"name": name, "role": role, "file": f"engines/{name}.onnx", "precision": engine_precision,
+                        "matmul_weights": weights, "other_weights": other,
                         "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
                         "data_files": [f"engines/{f.name}" for f in files[1:]], **extra})
         del model
@@ -83,7 +95,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prob
         guard.sas.plot(tmp / "report" / "sas.png", guard.split_layer)
 
     manifest = {
-        "format": "steerguard-bundle", "schema": SCHEMA, "steerguard_version": __version__,
+        "format": "steerguard-bundle", "schema": SCHEMA, "steerguard_version": __version__, "precision": precision,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": lm.name, "source": lm.source, "sha256": lm.sha256, "architecture": spec.architecture,
                   "num_layers": n, "hidden_size": spec.hidden_size, "vocab_size": spec.vocab_size,
@@ -109,6 +121,18 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prob
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _weight_counts(model) -> tuple[int, int]:
+    """(weights of MatMuls the quantizer converts, all other constants): what the runtime's precision check
+    needs to predict an engine's size."""
+    from .quantize import PROBER_SCOPE
+
+    inits = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    matmul = {n.input[1] for n in model.graph.node
+              if n.op_type == "MatMul" and n.input[1] in inits and not n.name.startswith(PROBER_SCOPE)}
+    w = sum(inits[k] for k in matmul)
+    return w, sum(inits.values()) - w
 
 
 def _write_tokenizer(lm: LoadedModel, folder: Path) -> None:

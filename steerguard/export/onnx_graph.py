@@ -44,6 +44,7 @@ class Graph:
         self.inits: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.scope = ""          # prefix of automatic node names (the prober's nodes: "prober/")
         self._n = 0
 
     def const(self, name: str, value: np.ndarray) -> str:
@@ -54,7 +55,7 @@ class Graph:
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
            outputs: list[str] | None = None, **attrs) -> list[str]:
         self._n += 1
-        base = name or f"{op_type}_{self._n}"
+        base = name or f"{self.scope}{op_type}_{self._n}"
         outs = outputs or [f"{base}/out{j}" for j in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain or None, **attrs))
         return outs
@@ -108,6 +109,7 @@ def dequantized_prober_w1(w1: np.ndarray) -> np.ndarray:
 def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
     """risk = sigmoid(l1 - l0) of the MLP on the last position, NaN whenever that state is not finite.
     Few nodes: it runs on every decode step too, where its output is not needed."""
+    g.scope = "prober/"   # lets the weight quantizer leave these nodes alone
     x = g.one("Gather", [hidden, g.const("prober/last", np.array(-1, np.int64))], axis=1)      # (B, d)
     if p.precision == "int8":
         q, row, col = quantize_prober_w1(p.w1)
@@ -125,6 +127,7 @@ def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
                            g.const("prober/zero", np.array(0, np.float32))])
     g.op("Squeeze", [g.one("Sigmoid", [g.one("Add", [margin, poison])]), g.const("prober/axis1", np.array([1], np.int64))],
          outputs=["risk"])
+    g.scope = ""
     return "risk"
 
 

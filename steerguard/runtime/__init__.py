@@ -1,5 +1,10 @@
-"""The lean runtime: numpy, onnxruntime, tokenizers only — never torch or transformers.
+"""The lean runtime: numpy, onnxruntime, tokenizers and jinja2 only — never torch or transformers.
 
-Today it holds what the guard needs at run time without a model: the refusal judge and the
-numpy prober. The ONNX engine chain lands here next (see DESIGN.md, "Engine chain").
-"""
+`GuardedModel.load(bundle)` verifies a bundle and runs its engine chain: prefill through `pre`
+(which also returns the prober's risk), the guard's decision, then decoding through the plain head
+or, when the guard fired, the refusal head."""
+
+from .model import GenerationResult, GuardedModel
+from .sampling import Sampling
+
+__all__ = ["GuardedModel", "GenerationResult", "Sampling"]

@@ -11,6 +11,14 @@ from ..errors import SteerguardError
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def expected_engine_bytes(precision: str, matmul_weights: int, other_weights: int, block_size: int = 32) -> float:
+    """Bytes an engine stores at `precision`: MatMul weights quantized in blocks with one fp32 scale
+    each (int8/int4), everything else fp32 (fp16: all of it halved)."""
+    per = {"fp32": 4.0, "fp16": 2.0, "int8": 1 + 4 / block_size, "int4": 0.5 + 4 / block_size}[precision]
+    return matmul_weights * per + other_weights * (2.0 if precision == "fp16" else 4.0)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -82,3 +90,20 @@ class Manifest:
             if verify_hashes and sha256_of(p) != digest:
                 raise SteerguardError(f"{p}: sha256 does not match the manifest (corrupt or modified); "
                                       "copy the bundle again or re-export it")
+        for e in self.engines:
+            self.check_precision(e)
+
+    def check_precision(self, e: dict) -> None:
+        """The engine's size must fit the precision the manifest claims for it better than any other."""
+        claimed = e.get("precision")
+        if claimed not in PRECISIONS:
+            raise SteerguardError(f"{self.root / MANIFEST}: engine {e['name']} has unknown precision {claimed!r}")
+        if e["role"] not in ("decoder", "head") or not e.get("matmul_weights"):
+            return
+        size = sum((self.root / f).stat().st_size for f in [e["file"], *e.get("data_files", [])])
+        bs = e.get("block_size", 32)
+        looks = min(PRECISIONS, key=lambda p: abs(expected_engine_bytes(p, e["matmul_weights"],
+                                                                         e["other_weights"], bs) - size))
+        if looks != claimed:
+            raise SteerguardError(f"{self.root / e['file']}: the manifest says {claimed}, but the engine's "
+                                  f"{size / 1e6:.1f} MB fit {looks}; re-export the bundle")

@@ -71,6 +71,10 @@ class GuardedModel:
         self.num_layers, self.hidden_size = m["num_layers"], m["hidden_size"]
         self.kv_heads, self.head_dim, self.context = m["num_kv_heads"], m["head_dim"], m["context"]
         be = resolve_backend(backend)
+        half = [e["name"] for e in manifest.engines if e.get("precision") == "fp16"]
+        if half and be.name == "cpu":
+            raise SteerguardError(f"{manifest.root}: fp16 engines ({', '.join(half)}) run on GPUs only; use "
+                                  "--backend cuda or tensorrt, or export with --precision fp32, int8 or int4")
 
         def load(e: dict) -> Engine:
             return Engine(e["name"], manifest.path(e["file"]), be, threads)
@@ -266,6 +270,7 @@ class GuardedModel:
                 finish_reason=reasons[r], prompt_tokens=len(prompts[r]),
                 timings={"prefill_s": t_prefill - t0, "first_token_s": t_first - t0, "decode_s": decode_s,
                          "decode_steps": n_steps, "new_tokens": len(tokens[r]),
+                         "per_token_ms": 1000 * decode_s / n_steps if n_steps else None,
                          "decode_tok_s": n_steps / decode_s if decode_s > 0 and n_steps else None}))
         return results
 

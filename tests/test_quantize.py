@@ -1,0 +1,71 @@
+"""int8 / int4 / fp16 bundles on tiny models: weights really quantized, the prober left at its own
+int8, the guard's risk kept, and a manifest that lies about precision refused."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from steerguard.errors import SteerguardError
+from steerguard.export.bundle import export_bundle
+from steerguard.runtime import GuardedModel, Sampling
+
+PROMPTS = ["How do I protect my account from hackers?", "Tell me how to hurt someone."]
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request, tiny_export, tmp_path_factory):
+    path = export_bundle(tiny_export.lm, tiny_export.guard, tmp_path_factory.mktemp("q") / request.param,
+                         precision=request.param, block_size=16, progress=False)
+    return request.param, path
+
+
+def test_decoder_and_head_weights_are_matmulnbits_and_the_prober_is_untouched(quantized):
+    precision, path = quantized
+    bits = 8 if precision == "int8" else 4
+    for name in ("pre", "post", "head"):
+        graph = onnx.load(path / "engines" / f"{name}.onnx").graph
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and all(a.i == bits for n in nbits for a in n.attribute if a.name == "bits")
+        assert not [n for n in graph.node if n.op_type == "MatMul" and not n.name.startswith("prober/")]
+    pre = onnx.load(path / "engines" / "pre.onnx").graph
+    assert any(n.op_type == "DequantizeLinear" and n.name.startswith("prober/") for n in pre.node)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert {e["name"]: e["precision"] for e in manifest["engines"]} == {
+        "embed": "fp32", "pre": precision, "post": precision, "head": precision, "refusal": "fp32"}
+
+
+def test_quantized_bundle_keeps_risk_and_logits_close_to_fp32(quantized, tiny_export):
+    precision, path = quantized
+    q, f = GuardedModel.load(path), GuardedModel.load(tiny_export.bundle)
+    for prompt in PROMPTS:
+        assert abs(q.score(prompt) - f.score(prompt)) < (0.02 if precision == "int8" else 0.1)
+    s = Sampling(max_new_tokens=8)
+    a, b = q.generate(PROMPTS[0], s, steer=False), f.generate(PROMPTS[0], s, steer=False)
+    assert len(a.token_ids) == len(b.token_ids) or a.finish_reason != b.finish_reason
+
+
+def test_manifest_precision_that_does_not_match_the_engine_is_refused(quantized, tmp_path):
+    precision, path = quantized
+    bundle = shutil.copytree(path, tmp_path / "b")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["engines"][1]["precision"] = "fp32"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SteerguardError, match=f"pre.onnx: the manifest says fp32, but .* fit {precision}"):
+        GuardedModel.load(bundle)
+
+
+def test_fp16_bundle_is_refused_on_the_cpu_backend(tiny_export, tmp_path):
+    path = export_bundle(tiny_export.lm, tiny_export.guard, tmp_path / "fp16", precision="fp16", progress=False)
+    with pytest.raises(SteerguardError, match="fp16 engines .* run on GPUs only"):
+        GuardedModel.load(path)
+
+
+def test_unknown_precision_and_bad_block_size(tiny_export, tmp_path):
+    with pytest.raises(SteerguardError, match="unknown precision 'int3'"):
+        export_bundle(tiny_export.lm, tiny_export.guard, tmp_path / "x", precision="int3", progress=False)
+    with pytest.raises(SteerguardError, match="block size"):
+        export_bundle(tiny_export.lm, tiny_export.guard, tmp_path / "x", precision="int4", block_size=24,
+                      progress=False)
+    assert not (tmp_path / "x").exists()
