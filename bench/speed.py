@@ -26,10 +26,12 @@ BUNDLES = CACHE / "bench"
 
 
 def ensure_bundles(guard_dir: Path | None) -> dict[str, Path]:
-    """The demo model exported guarded (split, int8 prober) and unguarded (one decoder engine)."""
-    guarded, plain = BUNDLES / "demo-guarded", BUNDLES / "demo-unsplit"
-    if (guarded / "manifest.json").exists() and (plain / "manifest.json").exists():
-        return {"guarded": guarded, "unsplit": plain}
+    """The demo model exported guarded (split, int8 prober) at fp32, int8 and int4, and unguarded
+    (one decoder engine) at fp32."""
+    paths = {"guarded": BUNDLES / "demo-guarded", "unsplit": BUNDLES / "demo-unsplit",
+             "int8": BUNDLES / "demo-guarded-int8", "int4": BUNDLES / "demo-guarded-int4"}
+    if all((p / "manifest.json").exists() for p in paths.values()):
+        return paths
     from steerguard.export.bundle import export_bundle
     from steerguard.export.calibrate import CalibrationConfig, CalibrationData, calibrate
     from steerguard.export.guard import Guard
@@ -40,9 +42,20 @@ def ensure_bundles(guard_dir: Path | None) -> dict[str, Path]:
         guard = Guard.load(guard_dir)
     else:   # speed does not depend on what the guard learned: a small calibration will do
         guard = calibrate(lm, CalibrationData.default(), CalibrationConfig(max_per_source=60, refusal_targets=60))
-    export_bundle(lm, guard, guarded)
-    export_bundle(lm, None, plain)
-    return {"guarded": guarded, "unsplit": plain}
+    export_bundle(lm, guard, paths["guarded"])
+    export_bundle(lm, None, paths["unsplit"])
+    for precision in ("int8", "int4"):
+        export_bundle(lm, guard, paths[precision], precision=precision, block_size=32)
+    return paths
+
+
+GUARDED = "steerguard guarded chain fp32 (split 22, int8 prober)"
+UNSPLIT = "steerguard same model unsplit, unguarded, fp32"
+GENAI = "onnxruntime-genai fp32"
+INT8 = "steerguard guarded chain int8 (MatMulNBits, block 32)"
+INT4 = "steerguard guarded chain int4 (MatMulNBits, block 32)"
+GENAI_INT4 = "onnxruntime-genai int4 (block 32)"
+LLAMACPP = "llama.cpp Q4_1 GGUF (llama-cpp-python)"
 
 
 def run_json(cmd: list[str], env: dict | None = None) -> dict:
@@ -122,35 +135,48 @@ def main() -> None:
         pairs.append((ours(bundles["guarded"], a), ours(bundles["unsplit"], a)))
         print(f"round {k + 1}: guarded {pairs[-1][0].get('decode_tok_s', 0):.1f}, "
               f"unsplit {pairs[-1][1].get('decode_tok_s', 0):.1f} tok/s", flush=True)
-    add("steerguard guarded chain (split 22, int8 prober)", median_of_rounds([g for g, _ in pairs]))
-    add("steerguard same model unsplit, unguarded", median_of_rounds([u for _, u in pairs]))
+    add(GUARDED, median_of_rounds([g for g, _ in pairs]))
+    add(UNSPLIT, median_of_rounds([u for _, u in pairs]))
     add("steerguard guarded chain, refusal head path", ours(bundles["guarded"], a, refusal=True))
-    add("onnxruntime-genai fp32", peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a))
+    add(GENAI, peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a))
     add("optimum ORTModelForCausalLM fp32", peer("optimum", PEERS / "optimum/bin/python", "optimum_peer.py",
                                                 ids_file, a))
     add("transformers eager (sdpa) fp32", peer("hf", Path(sys.executable), "hf_peer.py", ids_file, a))
+    add(INT8, ours(bundles["int8"], a))
+    add(INT4, ours(bundles["int4"], a))
+    add(GENAI_INT4, peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a,
+                         "--model", str(PEERS / "genai-int4")))
+    add(LLAMACPP, peer("llamacpp", PEERS / "llamacpp/bin/python", "llamacpp_peer.py", ids_file, a))
     copy = copy_bandwidth_gbs()
 
-    guarded, unsplit, genai = rows[0][1], rows[1][1], rows[3][1]
+    by = dict(rows)
     ratios = {}
-    if "error" not in guarded and "error" not in unsplit:
-        ratios["decode guarded / unsplit"] = guarded["decode_tok_s"] / unsplit["decode_tok_s"]
-        ratios["first token guarded / unsplit"] = guarded["ttft_ms"] / unsplit["ttft_ms"]
-    if "error" not in guarded and "error" not in genai:
-        ratios["decode guarded / onnxruntime-genai"] = guarded["decode_tok_s"] / genai["decode_tok_s"]
+    for label, mine, other, key in [("decode guarded / unsplit", GUARDED, UNSPLIT, "decode_tok_s"),
+                                    ("first token guarded / unsplit", GUARDED, UNSPLIT, "ttft_ms"),
+                                    ("decode guarded / onnxruntime-genai fp32", GUARDED, GENAI, "decode_tok_s"),
+                                    ("decode int8 / fp32 (guarded)", INT8, GUARDED, "decode_tok_s"),
+                                    ("decode int4 / fp32 (guarded)", INT4, GUARDED, "decode_tok_s"),
+                                    ("decode int4 / onnxruntime-genai int4", INT4, GENAI_INT4, "decode_tok_s"),
+                                    ("decode int4 / llama.cpp Q4_1", INT4, LLAMACPP, "decode_tok_s")]:
+        if "error" not in by[mine] and "error" not in by[other]:
+            ratios[label] = by[mine][key] / by[other][key]
+    if "error" not in by[INT4]:
+        ratios["int4 achieved bandwidth / copy bandwidth"] = by[INT4]["achieved_gbs"] / copy
+    guarded = by[GUARDED]
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = [f"# Decode speed — demo model (SmolLM2-135M-Instruct, fp32)", "",
+    lines = ["# Decode speed — demo model (SmolLM2-135M-Instruct)", "",
              f"`python bench/speed.py --runs {a.runs} --rounds {a.rounds} --threads {a.threads}` on {date}; {machine()}.",
              f"{len(ids)}-token prompt (same ids for every runner), {a.new_tokens} new tokens, greedy, batch 1, "
              f"{a.threads} threads, median of {a.runs} runs after 1 warm-up (steerguard's guarded and unsplit "
              f"bundles: the median of {a.rounds} alternating rounds of that). Copy bandwidth {copy:.1f} GB/s; "
-             f"{weights / 1e6:.0f} MB of weights read per token, so the floor is {copy * 1e9 / weights:.0f} tok/s.", "",
+             f"fp32 reads {weights / 1e6:.0f} MB of weights per token, so its floor is {copy * 1e9 / weights:.0f} "
+             "tok/s; bandwidth below is steerguard's bytes per token (per precision) x tokens/s.", "",
              "| runner | decode tok/s | time to first token | achieved bandwidth |", "|---|---|---|---|"]
     for name, r in rows:
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | |")
         else:
-            bw = weights * r["decode_tok_s"] / 1e9
+            bw = r.get("weight_bytes", weights) * r["decode_tok_s"] / 1e9
             lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} ms | {bw:.1f} GB/s "
                          f"({100 * bw / copy:.0f}% of copy) |")
     lines += ["", *(f"- {k}: **{v:.3f}**" for k, v in ratios.items()), ""]

@@ -214,7 +214,7 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
     With no --harmful/--benign, uses the shipped evaluation sets (held-out harmful requests, benign
     questions that sound dangerous, benign conversational requests)."""
     _torch_threads()
-    from .export.data import data_path, default_benign, default_pairs, load_prompts, query_of
+    from .export.data import data_path, drop_calibration_overlap, load_prompts
     from .export.evaluate import BundleRunner, TorchRunner, evaluate, write_report
     from .export.guard import Guard
     from .export.models import load_model
@@ -228,14 +228,8 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
         sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1),
                 load_prompts(data_path("eval", "sounds_dangerous.jsonl"), 0),
                 load_prompts(data_path("eval", "benign_conversational.jsonl"), 0)]
-    dropped = {}
-    if not keep_overlap:   # drop first, then sample, so --limit counts prompts that are really held out
-        seen = {query_of(t) for p in default_pairs() for t in (p.harmful, p.benign)}
-        seen |= {query_of(t) for s in default_benign() for t in s.prompts}
-        for s in sets:
-            before = len(s.prompts)
-            s.prompts = [p for p in s.prompts if query_of(p) not in seen]
-            dropped[s.source] = before - len(s.prompts)
+    # drop first, then sample, so --limit counts prompts that are really held out
+    dropped = {} if keep_overlap else drop_calibration_overlap(sets)
     for s in sets:
         if not s.prompts:
             raise SteerguardError(f"no prompts left in {s.source} after dropping those in the calibration data "

@@ -218,11 +218,11 @@ def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, as
     click.echo(f"  {'bundle':<28} {'precision':<9} {'first token':>11} {'decode':>12} {'vs first':>8} "
                f"{'MB/token':>9} {'bandwidth':>17}")
     for bundle, model, r, weights, bw in rows:
-        click.echo(f"  {str(bundle)[-28:]:<28} {model.manifest.data.get('precision', 'fp32'):<9} "
+        click.echo(f"  {bundle.name[:28]:<28} {model.manifest.data.get('precision', 'fp32'):<9} "
                    f"{r.ttft_ms:8.1f} ms {r.decode_tok_s:7.1f} tok/s {r.decode_tok_s / first.decode_tok_s:7.2f}x "
                    f"{weights / 1e6:9.0f} {bw:6.1f} GB/s ({100 * bw / copy:3.0f}%)")
     for bundle, model, r, _, _ in rows:
-        click.echo(f"  time per token in each engine, {str(bundle)[-28:]}: " +
+        click.echo(f"  time per token in each engine, {bundle.name}: " +
                    ", ".join(f"{k} {v:.2f} ms" for k, v in r.engine_ms_per_token.items()))
     click.echo(f"  peak memory (RSS) of this process: {rows[-1][2].peak_rss_mb:.0f} MB"
                + (" (all bundles above; bench one bundle for its own figure)" if len(rows) > 1 else ""))

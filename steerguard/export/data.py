@@ -123,6 +123,19 @@ def query_of(prompt: str) -> str:
     return prompt.split("\n", 1)[1].strip() if prompt.startswith("Image: ") and "\n" in prompt else prompt.strip()
 
 
+def drop_calibration_overlap(sets: list[PromptSet]) -> dict[str, int]:
+    """Remove from `sets` (in place) every prompt whose query is in the shipped calibration data;
+    return how many each set lost."""
+    seen = {query_of(t) for p in default_pairs() for t in (p.harmful, p.benign)}
+    seen |= {query_of(t) for s in default_benign() for t in s.prompts}
+    dropped = {}
+    for s in sets:
+        before = len(s.prompts)
+        s.prompts = [p for p in s.prompts if query_of(p) not in seen]
+        dropped[s.source] = before - len(s.prompts)
+    return dropped
+
+
 def load_pairs(path: str | Path, harmful: str = "harmful", benign: str = "benign",
                refusal: str | None = "refusal", caption: str | None = None,
                source: str | None = None) -> list[Pair]:

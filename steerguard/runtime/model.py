@@ -43,6 +43,7 @@ class KVCache:
 
     def __init__(self, layers: range, batch: int, kv_heads: int, max_len: int, head_dim: int):
         shape = (batch, kv_heads, max_len, head_dim)
+        self.max_len = max_len
         self.buffers = {(i, kind): np.zeros(shape, np.float32) for i in layers for kind in ("key", "value")}
         self.values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.buffers.items()}
         self.lengths = np.zeros(batch, np.int64)
@@ -55,11 +56,6 @@ class KVCache:
                          else ort.OrtValue.ortvalue_from_numpy(self.buffers[(i, kind)][row:row + 1]))
                 binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
                 binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
-
-    def mask(self, rows: slice | None = None) -> np.ndarray:
-        lengths = self.lengths if rows is None else self.lengths[rows]
-        width = int(lengths.max())
-        return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
 
 
 class GuardedModel:
@@ -160,19 +156,21 @@ class GuardedModel:
         """Append `tokens` (B,) to every row; return the final hidden states (B, d)."""
         cache.lengths += 1
         step.ids[:, 0] = tokens
-        mask = cache.mask()
-        for (engine, _), b in zip(self.decoders, step.bindings):
-            b.bind_cpu_input("attention_mask", mask)
+        step.mask[np.arange(len(tokens)), cache.lengths - 1] = 1
         self.embed.run_binding(step.embed_binding)
         for (engine, _), b in zip(self.decoders, step.bindings):
             engine.run_binding(b)
         return step.hidden_out[-1][:, 0, :]
 
-    def next_logits(self, hidden: np.ndarray, fired: np.ndarray) -> np.ndarray:
-        """Logits (B, V) through the plain head, or through the refusal transform for rows that fired."""
+    def next_logits(self, hidden: np.ndarray, fired: np.ndarray, step: "DecodeStep | None" = None) -> np.ndarray:
+        """Logits (B, V) through the plain head, or through the refusal transform for rows that fired.
+        With `step` and no row fired, the head reads the last engine's output buffer in place."""
         if fired.any():
             steered = self.refusal.run({"hidden": np.ascontiguousarray(hidden)})["steered"]
             hidden = np.where(fired[:, None], steered, hidden)
+        elif step is not None:
+            self.head.run_binding(step.head_binding)
+            return step.logits
         return self.head.run({"hidden": np.ascontiguousarray(hidden, np.float32)})["logits"]
 
     # ---- public API -----------------------------------------------------------------------------
@@ -234,7 +232,7 @@ class GuardedModel:
         step = DecodeStep(self, cache, batch)
         hidden, t_first, n_steps = last_hidden, None, 0
         while True:
-            logits = self.next_logits(hidden, fired)
+            logits = self.next_logits(hidden, fired, step if n_steps else None)
             nxt = np.array([sample(logits[r], s, rngs[r]) if reasons[r] is None else 0 for r in range(batch)])
             t_first = t_first or time.perf_counter()
             for r in range(batch):
@@ -280,12 +278,15 @@ class GuardedModel:
 
 
 class DecodeStep:
-    """The I/O bindings of one decode step, made once per request: token ids and activations live in
-    preallocated arrays, the KV cache stays bound, only the attention mask is rebound per token."""
+    """The I/O bindings of one decode step, made once per request and never rebound: token ids,
+    activations and the attention mask live in preallocated arrays. The mask is as wide as the cache
+    (ones up to each row's length): the engines read only its row sums and width, and attention
+    with the shared KV buffer reads each row's length, so one mask serves every step."""
 
     def __init__(self, model: GuardedModel, cache: KVCache, batch: int):
         d = model.hidden_size
         self.ids = np.zeros((batch, 1), np.int64)
+        self.mask = (np.arange(cache.max_len)[None, :] < cache.lengths[:, None]).astype(np.int64)
         x = np.zeros((batch, 1, d), np.float32)
         self.embed_binding = model.embed.binding()
         self.embed_binding.bind_cpu_input("input_ids", self.ids)
@@ -295,6 +296,7 @@ class DecodeStep:
         for engine, layers in model.decoders:
             b = engine.binding()
             b.bind_ortvalue_input(engine.input_names[0], ort.OrtValue.ortvalue_from_numpy(x))
+            b.bind_cpu_input("attention_mask", self.mask)
             cache.bind(b, layers)
             out = np.zeros((batch, 1, d), np.float32)
             name = "last_hidden_state" if "last_hidden_state" in engine.output_names else "hidden_states"
@@ -306,6 +308,10 @@ class DecodeStep:
             self.bindings.append(b)
             self.hidden_out.append(out)
             x = out
+        self.logits = np.zeros((batch, model.manifest.model["vocab_size"]), np.float32)
+        self.head_binding = model.head.binding()
+        self.head_binding.bind_ortvalue_input("hidden", ort.OrtValue.ortvalue_from_numpy(x.reshape(batch, d)))
+        self.head_binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
 
 
 class Stream:
