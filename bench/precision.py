@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from speed import ensure_bundles, machine  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "int8", "int4", "int4-all")
 
 
 def answers(model, prompts: list[str], fired: np.ndarray, new_tokens: int) -> list[str]:
@@ -59,7 +59,7 @@ def main() -> None:
     from steerguard.runtime.judge import is_refusal
 
     paths = ensure_bundles(a.guard)
-    bundles = {"fp32": paths["guarded"], "int8": paths["int8"], "int4": paths["int4"]}
+    bundles = {p: paths["guarded" if p == "fp32" else p] for p in PRECISIONS}
     sets = [load_prompts(SHARED / "vlsafe" / "examine_sampled_500_VLSafe.jsonl", 1, "query", "caption"),
             load_prompts(SHARED / "tovilag" / "toxic_text_500.jsonl", 1, "query", "caption"),
             load_prompts(SHARED / "benign" / "alpaca_harmless_train.json", 0, "instruction")]
@@ -93,7 +93,7 @@ def main() -> None:
         return next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
 
     drift = {p: [matching(greedy["fp32"][i], greedy[p][i]) for i in range(len(drift_prompts))]
-             for p in ("int8", "int4")}
+             for p in PRECISIONS[1:]}
 
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
@@ -102,17 +102,20 @@ def main() -> None:
              f"set after dropping those in the calibration data; answers {a.new_tokens} tokens, refusal-substring "
              "judge. Weight-only MatMulNBits (block 32) on the decoder and head engines; the prober is int8 in "
              "every bundle.", "",
-             "| set | measure | fp32 | int8 | int4 | max difference |", "|---|---|---|---|---|---|"]
+             "`int4` is the default int4 bundle (decoder after the split and head int4, the `pre` engine int8); "
+             "`int4-all` quantizes `pre` to int4 too.", "",
+             "| set | measure | fp32 | int8 | int4 | int4-all | max difference (int8, int4) |",
+             "|---|---|---|---|---|---|---|"]
     for s in sets:
         for measure in (("asr", "fire_rate") if s.label else ("fire_rate",)):
             vals = [results[p][s.source][measure] for p in PRECISIONS]
             name = "guarded ASR" if measure == "asr" else "guard fire rate"
             lines.append(f"| {s.source} | {name} | " + " | ".join(pct(v) for v in vals) +
-                         f" | {100 * max(abs(v - vals[0]) for v in vals):.1f} pp |")
+                         f" | {100 * max(abs(v - vals[0]) for v in vals[:3]):.1f} pp |")
     lines += ["", "Decision agreement with the fp32 bundle (all sets, "
               f"{sum(len(s.prompts) for s in sets)} prompts):"]
     agreement = {}
-    for p in ("int8", "int4"):
+    for p in PRECISIONS[1:]:
         same = [x == y for s in sets for x, y in zip(results[p][s.source]["fired"], results["fp32"][s.source]["fired"])]
         agreement[p] = float(np.mean(same))
         lines.append(f"- {p}: {pct(agreement[p])}")

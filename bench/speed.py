@@ -29,7 +29,8 @@ def ensure_bundles(guard_dir: Path | None) -> dict[str, Path]:
     """The demo model exported guarded (split, int8 prober) at fp32, int8 and int4, and unguarded
     (one decoder engine) at fp32."""
     paths = {"guarded": BUNDLES / "demo-guarded", "unsplit": BUNDLES / "demo-unsplit",
-             "int8": BUNDLES / "demo-guarded-int8", "int4": BUNDLES / "demo-guarded-int4"}
+             "int8": BUNDLES / "demo-guarded-int8", "int4": BUNDLES / "demo-guarded-int4-pre8",
+             "int4-all": BUNDLES / "demo-guarded-int4-all"}
     if all((p / "manifest.json").exists() for p in paths.values()):
         return paths
     from steerguard.export.bundle import export_bundle
@@ -44,8 +45,9 @@ def ensure_bundles(guard_dir: Path | None) -> dict[str, Path]:
         guard = calibrate(lm, CalibrationData.default(), CalibrationConfig(max_per_source=60, refusal_targets=60))
     export_bundle(lm, guard, paths["guarded"])
     export_bundle(lm, None, paths["unsplit"])
-    for precision in ("int8", "int4"):
+    for precision in ("int8", "int4"):   # int4: the default, pre engine at int8
         export_bundle(lm, guard, paths[precision], precision=precision, block_size=32)
+    export_bundle(lm, guard, paths["int4-all"], precision="int4", block_size=32, engine_precision={"pre": "int4"})
     return paths
 
 
@@ -53,7 +55,8 @@ GUARDED = "steerguard guarded chain fp32 (split 22, int8 prober)"
 UNSPLIT = "steerguard same model unsplit, unguarded, fp32"
 GENAI = "onnxruntime-genai fp32"
 INT8 = "steerguard guarded chain int8 (MatMulNBits, block 32)"
-INT4 = "steerguard guarded chain int4 (MatMulNBits, block 32)"
+INT4 = "steerguard guarded chain int4, pre engine int8 (the default int4 bundle)"
+INT4_ALL = "steerguard guarded chain int4 in every engine (guard decisions shift)"
 GENAI_INT4 = "onnxruntime-genai int4 (block 32)"
 LLAMACPP = "llama.cpp Q4_1 GGUF (llama-cpp-python)"
 
@@ -144,6 +147,7 @@ def main() -> None:
     add("transformers eager (sdpa) fp32", peer("hf", Path(sys.executable), "hf_peer.py", ids_file, a))
     add(INT8, ours(bundles["int8"], a))
     add(INT4, ours(bundles["int4"], a))
+    add(INT4_ALL, ours(bundles["int4-all"], a))
     add(GENAI_INT4, peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a,
                          "--model", str(PEERS / "genai-int4")))
     add(LLAMACPP, peer("llamacpp", PEERS / "llamacpp/bin/python", "llamacpp_peer.py", ids_file, a))
@@ -157,7 +161,10 @@ def main() -> None:
                                     ("decode int8 / fp32 (guarded)", INT8, GUARDED, "decode_tok_s"),
                                     ("decode int4 / fp32 (guarded)", INT4, GUARDED, "decode_tok_s"),
                                     ("decode int4 / onnxruntime-genai int4", INT4, GENAI_INT4, "decode_tok_s"),
-                                    ("decode int4 / llama.cpp Q4_1", INT4, LLAMACPP, "decode_tok_s")]:
+                                    ("decode int4 / llama.cpp Q4_1", INT4, LLAMACPP, "decode_tok_s"),
+                                    ("decode int4-everywhere / fp32 (guarded)", INT4_ALL, GUARDED, "decode_tok_s"),
+                                    ("decode int4-everywhere / onnxruntime-genai int4", INT4_ALL, GENAI_INT4,
+                                     "decode_tok_s")]:
         if "error" not in by[mine] and "error" not in by[other]:
             ratios[label] = by[mine][key] / by[other][key]
     if "error" not in by[INT4]:
@@ -170,15 +177,18 @@ def main() -> None:
              f"{a.threads} threads, median of {a.runs} runs after 1 warm-up (steerguard's guarded and unsplit "
              f"bundles: the median of {a.rounds} alternating rounds of that). Copy bandwidth {copy:.1f} GB/s; "
              f"fp32 reads {weights / 1e6:.0f} MB of weights per token, so its floor is {copy * 1e9 / weights:.0f} "
-             "tok/s; bandwidth below is steerguard's bytes per token (per precision) x tokens/s.", "",
+             "tok/s. Achieved bandwidth = the weight bytes a bundle reads per token x tokens/s (it can exceed the "
+             "copy figure: a copy reads and writes, decoding only reads).", "",
              "| runner | decode tok/s | time to first token | achieved bandwidth |", "|---|---|---|---|"]
     for name, r in rows:
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | |")
+        elif "weight_bytes" not in r:   # a peer: its own bytes per token are not ours to state
+            lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} ms | — |")
         else:
-            bw = r.get("weight_bytes", weights) * r["decode_tok_s"] / 1e9
+            bw = r["weight_bytes"] * r["decode_tok_s"] / 1e9
             lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} ms | {bw:.1f} GB/s "
-                         f"({100 * bw / copy:.0f}% of copy) |")
+                         f"({100 * bw / copy:.0f}% of copy; {r['weight_bytes'] / 1e6:.0f} MB/token) |")
     lines += ["", *(f"- {k}: **{v:.3f}**" for k, v in ratios.items()), ""]
     if "engine_ms_per_token" in guarded:
         lines.append("Time per token in each engine (guarded chain): " +

@@ -10,14 +10,20 @@ import click
 from .cli import _torch_threads, main, sampling_options
 from .errors import SteerguardError
 
-BACKEND = click.option("--backend", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
-                       show_default=True, help="Where the engines run.")
+def BACKEND(f):
+    """--backend and --fallback-cpu, passed on as one `backend` argument: (name, fallback)."""
+    f = click.option("--fallback-cpu", is_flag=True, help="Run on the CPU when the backend is not available here.")(f)
+    return click.option("--backend", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
+                        show_default=True, help="Where the engines run.")(f)
 
 
-def _load(bundle: Path, backend: str = "cpu"):
+def _load(bundle: Path, backend: str = "cpu", fallback_cpu: bool = False):
     from .runtime.model import GuardedModel
 
-    return GuardedModel.load(bundle, backend=backend)
+    model = GuardedModel.load(bundle, backend=backend, fallback_to_cpu=fallback_cpu)
+    if model.backend != backend:
+        click.echo(f"note: {backend} is not available here; running on the cpu (--fallback-cpu)", err=True)
+    return model
 
 
 def _decision(model, result) -> str:
@@ -37,9 +43,12 @@ def _decision(model, result) -> str:
 @click.option("--precision", default="fp32", show_default=True, metavar="fp32|fp16|int8|int4",
               help="Weights of the decoder and head engines: fp32; int8 or int4 (weight-only, for CPUs); fp16 (GPUs).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int8/int4 quantization block size.")
+@click.option("--pre-precision", default=None, metavar="fp32|int8|int4",
+              help="Weights of the pre engine (the layers the prober reads); default: --precision, but int8 "
+                   "for an int4 bundle, which keeps the guard's decisions.")
 @click.option("--prober-precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True)
 @click.option("--context", type=int, default=None, help="Longest sequence the bundle serves (default: the model's).")
-def export(model, out, guard_dir, unguarded, precision, block_size, prober_precision, context):
+def export(model, out, guard_dir, unguarded, precision, block_size, pre_precision, prober_precision, context):
     """Export MODEL as a bundle: the engine chain split at the guard's layer with the prober fused
     into the `pre` engine, the heads, tokenizer, chat template and a manifest pinning every file."""
     _torch_threads()
@@ -55,6 +64,8 @@ def export(model, out, guard_dir, unguarded, precision, block_size, prober_preci
     from .export.quantize import check_precision
 
     check_precision(precision, block_size)
+    if pre_precision:
+        check_precision(pre_precision, block_size)
     guard = Guard.load(guard_dir) if guard_dir else None
     lm = load_model(model)
     if guard is None and not unguarded:
@@ -63,7 +74,7 @@ def export(model, out, guard_dir, unguarded, precision, block_size, prober_preci
         guard.save(out.with_name(out.name + ".guard"))
         click.echo(f"guard saved to {out.with_name(out.name + '.guard')}", err=True)
     export_bundle(lm, guard, out, precision=precision, block_size=block_size, prober_precision=prober_precision,
-                  context=context)
+                  context=context, engine_precision={"pre": pre_precision} if pre_precision else None)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     click.echo(f"bundle written to {out} ({size / 1e6:.0f} MB); try: steerguard run {out} -p \"Hello!\"")
 
@@ -75,9 +86,9 @@ def export(model, out, guard_dir, unguarded, precision, block_size, prober_preci
 @sampling_options
 @BACKEND
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
-def run(bundle, prompt, system, sampling, backend, as_json):
+def run(bundle, prompt, system, sampling, backend, fallback_cpu, as_json):
     """Answer PROMPT with BUNDLE, streaming; ends with one line: risk, decision, tokens/s."""
-    model = _load(bundle, backend)
+    model = _load(bundle, backend, fallback_cpu)
     request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if as_json:
         r = model.generate(request, sampling)
@@ -99,10 +110,10 @@ def run(bundle, prompt, system, sampling, backend, as_json):
 @click.option("--system", default=None, help="A system message.")
 @sampling_options
 @BACKEND
-def chat(bundle, system, sampling, backend):
+def chat(bundle, system, sampling, backend, fallback_cpu):
     """Multi-turn chat in the terminal. The guard judges every user turn (with the conversation so
     far); /reset starts over, /quit or Ctrl-D leaves."""
-    model = _load(bundle, backend)
+    model = _load(bundle, backend, fallback_cpu)
     history = [{"role": "system", "content": system}] if system else []
     click.echo(f"chatting with {model.manifest.model['name']} "
                f"({'guarded at layer %d' % model.split_layer if model.guarded else 'unguarded'}); /quit to leave")
@@ -189,7 +200,7 @@ def _names(names: list[str]) -> str:
 @click.option("--refusal", is_flag=True, help="Time the refusal head path instead of the plain head.")
 @BACKEND
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, as_json):
+def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, fallback_cpu, as_json):
     """Time to first token, decode tokens/s (median of --runs after --warmup, greedy, exactly
     --new-tokens tokens), time in each engine, peak memory and achieved memory bandwidth. Several
     BUNDLES (e.g. one per precision) are measured one after another and compared side by side."""
@@ -202,7 +213,7 @@ def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, as
     copy = copy_bandwidth_gbs()
     rows = []
     for bundle in bundles:
-        model = _load(bundle, backend)
+        model = _load(bundle, backend, fallback_cpu)
         ids = prompt_of_length(model, prompt_tokens)
         r = run_bench(model, ids, new_tokens, runs, warmup, steer=True if refusal else None)
         weights = decode_weight_bytes(model)
@@ -226,3 +237,19 @@ def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, as
                    ", ".join(f"{k} {v:.2f} ms" for k, v in r.engine_ms_per_token.items()))
     click.echo(f"  peak memory (RSS) of this process: {rows[-1][2].peak_rss_mb:.0f} MB"
                + (" (all bundles above; bench one bundle for its own figure)" if len(rows) > 1 else ""))
+
+
+@main.command("build-trt")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Rebuild even when plans for this GPU exist.")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="Let TensorRT use fp16 kernels.")
+@click.option("--max-batch", type=int, default=4, show_default=True, help="Largest batch the plans serve.")
+@click.option("--max-len", type=int, default=2048, show_default=True, help="Longest prompt + answer the plans serve.")
+def build_trt(bundle, force, fp16, max_batch, max_len):
+    """Build TensorRT plans for BUNDLE's engines on this GPU (onnxruntime's TensorRT execution provider
+    and its engine cache), with optimization profiles covering prefill and decode shapes, and store
+    them under BUNDLE/trt/<gpu>_<compute capability>_<TensorRT version>/. Needs a GPU."""
+    from .engines.tensorrt import build_plans
+
+    out = build_plans(bundle, force=force, fp16=fp16, max_batch=max_batch, max_len=max_len)
+    click.echo(f"TensorRT plans written to {out}")

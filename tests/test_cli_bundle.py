@@ -59,3 +59,13 @@ def test_bad_input_is_one_clear_line(tiny_export, tmp_path):
 def test_a_backend_this_onnxruntime_lacks_names_what_is_missing(tiny_export):
     one_line_error(steerguard("run", str(tiny_export.bundle), "-p", "hi", "--backend", "cuda"),
                    "CUDAExecutionProvider", "steerguard[gpu]")
+
+
+def test_fallback_to_cpu_only_when_asked(tiny_export):
+    r = steerguard("run", str(tiny_export.bundle), "-p", "hi", "--backend", "cuda", "--fallback-cpu",
+                   "--max-new-tokens", "2")
+    assert r.returncode == 0 and "running on the cpu" in r.stderr
+
+
+def test_build_trt_without_tensorrt_says_what_to_install(tiny_export):
+    one_line_error(steerguard("build-trt", str(tiny_export.bundle)), "TensorRT is not installed", "steerguard[tensorrt]")

@@ -21,19 +21,24 @@ def quantized(request, tiny_export, tmp_path_factory):
     return request.param, path
 
 
+def expected(precision: str) -> dict:
+    """int4 bundles keep the pre engine (what the prober reads) at int8."""
+    return {"pre": "int8", "post": precision, "head": precision}
+
+
 def test_decoder_and_head_weights_are_matmulnbits_and_the_prober_is_untouched(quantized):
     precision, path = quantized
-    bits = 8 if precision == "int8" else 4
-    for name in ("pre", "post", "head"):
+    for name, p in expected(precision).items():
         graph = onnx.load(path / "engines" / f"{name}.onnx").graph
         nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        bits = 8 if p == "int8" else 4
         assert nbits and all(a.i == bits for n in nbits for a in n.attribute if a.name == "bits")
         assert not [n for n in graph.node if n.op_type == "MatMul" and not n.name.startswith("prober/")]
     pre = onnx.load(path / "engines" / "pre.onnx").graph
     assert any(n.op_type == "DequantizeLinear" and n.name.startswith("prober/") for n in pre.node)
     manifest = json.loads((path / "manifest.json").read_text())
     assert {e["name"]: e["precision"] for e in manifest["engines"]} == {
-        "embed": "fp32", "pre": precision, "post": precision, "head": precision, "refusal": "fp32"}
+        "embed": "fp32", **expected(precision), "refusal": "fp32"}
 
 
 def test_quantized_bundle_keeps_risk_and_logits_close_to_fp32(quantized, tiny_export):
@@ -52,8 +57,15 @@ def test_manifest_precision_that_does_not_match_the_engine_is_refused(quantized,
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["engines"][1]["precision"] = "fp32"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SteerguardError, match=f"pre.onnx: the manifest says fp32, but .* fit {precision}"):
+    with pytest.raises(SteerguardError, match="pre.onnx: the manifest says fp32, but .* fit int8"):
         GuardedModel.load(bundle)
+
+
+def test_int4_everywhere_on_request(tiny_export, tmp_path):
+    path = export_bundle(tiny_export.lm, tiny_export.guard, tmp_path / "all", precision="int4", block_size=16,
+                         engine_precision={"pre": "int4"}, progress=False)
+    assert json.loads((path / "manifest.json").read_text())["engines"][1]["precision"] == "int4"
+    assert GuardedModel.load(path).generate(PROMPTS[0], Sampling(max_new_tokens=3)).token_ids
 
 
 def test_fp16_bundle_is_refused_on_the_cpu_backend(tiny_export, tmp_path):

@@ -31,7 +31,7 @@ class TokenClock:
 
 def make_generate(model: Any, eos_token_id: int) -> Generate:
     def generate(prompt: list[int], new_tokens: int) -> Generation:
-        ids = torch.tensor([prompt], dtype=torch.long)
+        ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
         clock = TokenClock()
         t_start = time.perf_counter()
         with torch.inference_mode():

@@ -13,6 +13,7 @@ from _common import HF_MODEL, parse_args, run_protocol
 def add_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=str(HF_MODEL), help="HF model folder")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU device script)")
 
 
 def main() -> None:
@@ -28,10 +29,10 @@ def main() -> None:
     torch.set_num_interop_threads(1)
     model = AutoModelForCausalLM.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation=args.attn
-    ).eval()
+    ).eval().to(args.device)
     versions = {"transformers": transformers.__version__, "torch": torch.__version__}
     generate = make_generate(model, model.config.eos_token_id)
-    run_protocol(f"hf-fp32-{args.attn}", args, generate, versions)
+    run_protocol(f"hf-fp32-{args.attn}-{args.device}", args, generate, versions)
 
 
 if __name__ == "__main__":

@@ -61,12 +61,14 @@ class KVCache:
 class GuardedModel:
     """A loaded bundle. Thread-safe: each call keeps its own cache and bindings."""
 
-    def __init__(self, manifest: Manifest, backend: str = "cpu", threads: int | None = None):
+    def __init__(self, manifest: Manifest, backend: str = "cpu", threads: int | None = None,
+                 fallback_to_cpu: bool = False):
         self.manifest = manifest
         m = manifest.model
         self.num_layers, self.hidden_size = m["num_layers"], m["hidden_size"]
         self.kv_heads, self.head_dim, self.context = m["num_kv_heads"], m["head_dim"], m["context"]
-        be = resolve_backend(backend)
+        be = resolve_backend(backend, fallback_to_cpu)
+        self.backend = be.name
         half = [e["name"] for e in manifest.engines if e.get("precision") == "fp16"]
         if half and be.name == "cpu":
             raise SteerguardError(f"{manifest.root}: fp16 engines ({', '.join(half)}) run on GPUs only; use "
@@ -94,9 +96,10 @@ class GuardedModel:
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "cpu", threads: int | None = None,
-             verify: bool = True) -> "GuardedModel":
-        """Load a bundle after checking its manifest and every file's sha256."""
-        return cls(Manifest.load(bundle, verify=verify), backend, threads)
+             verify: bool = True, fallback_to_cpu: bool = False) -> "GuardedModel":
+        """Load a bundle after checking its manifest and every file's sha256. A backend this machine
+        cannot run is an error, unless `fallback_to_cpu` asks for the CPU instead."""
+        return cls(Manifest.load(bundle, verify=verify), backend, threads, fallback_to_cpu)
 
     @property
     def guarded(self) -> bool:
