@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -100,6 +101,7 @@ def run(bundle, prompt, system, sampling, backend, fallback_cpu, as_json):
         click.echo(piece, nl=False)
     r = stream.result
     click.echo("")
+    sys.stdout.flush()   # the answer's last line before the decision line on stderr
     tps = f"{r.timings['decode_tok_s']:.1f} tok/s" if r.timings["decode_tok_s"] else "-"
     click.echo(f"[{_decision(model, r)} | layer {r.split_layer} | {len(r.token_ids)} tokens, {tps}, "
                f"first token {1000 * r.timings['first_token_s']:.0f} ms]", err=True)
