@@ -27,11 +27,11 @@ OPSET = 23
 MS = "com.microsoft"
 
 
-def past_names(i: int) -> tuple[str, str]:
+def past_names(i: int | str) -> tuple[str, str]:
     return f"past_key_values.{i}.key", f"past_key_values.{i}.value"
 
 
-def present_names(i: int) -> tuple[str, str]:
+def present_names(i: int | str) -> tuple[str, str]:
     return f"present.{i}.key", f"present.{i}.value"
 
 

@@ -71,10 +71,9 @@ def bench(model: GuardedModel, ids: list[int], new_tokens: int = 128, runs: int 
         t = r.timings
         if i >= warmup:
             samples.append({"ttft_ms": 1000 * t["first_token_s"], "decode_tok_s": t["decode_tok_s"]})
-    tokens = new_tokens
     return BenchResult(
         prompt_tokens=len(ids), new_tokens=new_tokens,
         ttft_ms=statistics.median(x["ttft_ms"] for x in samples),
         decode_tok_s=statistics.median(x["decode_tok_s"] for x in samples), runs=samples,
-        engine_ms_per_token={e.name: 1000 * e.seconds / tokens for e in engines if e.calls},
+        engine_ms_per_token={e.name: 1000 * e.seconds / new_tokens for e in engines if e.calls},
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -145,7 +145,8 @@ class GuardedModel:
             for n in outs:
                 b.bind_output(n)
             engine.run_binding(b)
-            values = dict(zip(outs, b.copy_outputs_to_cpu()[-len(outs):]))
+            # only the activations: copying every bound output would copy the whole KV cache too
+            values = {n: v.numpy() for n, v in zip(outs, b.get_outputs()[-len(outs):])}
             x = values.get("hidden_states", values.get("last_hidden_state"))
             if "risk" in values:
                 risk = float(values["risk"][0])
