@@ -102,8 +102,10 @@ def main() -> None:
              f"set after dropping those in the calibration data; answers {a.new_tokens} tokens, refusal-substring "
              "judge. Weight-only MatMulNBits (block 32) on the decoder and head engines; the prober is int8 in "
              "every bundle.", "",
-             "`int4` is the default int4 bundle (decoder after the split and head int4, the `pre` engine int8); "
-             "`int4-all` quantizes `pre` to int4 too.", "",
+             "`int4` is the default int4 bundle: the prompt goes through the layers before the split at int8 (the "
+             "`pre` engine, which the prober reads), the generated tokens through the same layers at int4 (`pre_decode`); "
+             "the layers after the split and the head are int4 (head blocks of 64). "
+             "`int4-all` quantizes `pre` to int4 too (one `pre` engine for both).", "",
              "| set | measure | fp32 | int8 | int4 | int4-all | max difference (int8, int4) |",
              "|---|---|---|---|---|---|---|"]
     for s in sets:

@@ -55,7 +55,7 @@ GUARDED = "steerguard guarded chain fp32 (split 22, int8 prober)"
 UNSPLIT = "steerguard same model unsplit, unguarded, fp32"
 GENAI = "onnxruntime-genai fp32"
 INT8 = "steerguard guarded chain int8 (MatMulNBits, block 32)"
-INT4 = "steerguard guarded chain int4, pre engine int8 (the default int4 bundle)"
+INT4 = "steerguard guarded chain int4 (the default: prompt through layers < 22 at int8, decode at int4)"
 INT4_ALL = "steerguard guarded chain int4 in every engine (guard decisions shift)"
 GENAI_INT4 = "onnxruntime-genai int4 (block 32)"
 LLAMACPP = "llama.cpp Q4_1 GGUF (llama-cpp-python)"
@@ -81,6 +81,19 @@ def peer(name: str, python: Path, script: str, ids_file: Path, a: argparse.Names
     return run_json([str(python), str(ROOT / "bench" / "peers" / script), "--ids-file", str(ids_file),
                      "--runs", str(a.runs), "--warmup", "1", "--new-tokens", str(a.new_tokens),
                      "--threads", str(a.threads), *extra])
+
+
+def paired_with_peer(bundle: Path, peer_args: tuple, a: argparse.Namespace) -> float:
+    """Median ratio of decode speed, ours / peer, over alternating single runs in fresh processes."""
+    ratios = []
+    for _ in range(a.peer_pairs):
+        mine = ours(bundle, argparse.Namespace(**{**vars(a), "runs": 1}))
+        other = peer(*peer_args[:4], argparse.Namespace(**{**vars(a), "runs": 1}), *peer_args[4:])
+        if "error" in mine or "error" in other:
+            return float("nan")
+        ratios.append(mine["decode_tok_s"] / other["decode_tok_s"])
+    print(f"paired with the peer: {[round(r, 3) for r in ratios]}", flush=True)
+    return statistics.median(ratios)
 
 
 def paired(guarded: Path, unsplit: Path, ids: list[int], a: argparse.Namespace) -> tuple[dict, dict, dict]:
@@ -119,6 +132,7 @@ def main() -> None:
     ap.add_argument("--guard", type=Path, default=ROOT / "runs" / "final-guard")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=15, help="alternating guarded/unsplit runs")
+    ap.add_argument("--peer-pairs", type=int, default=9, help="alternating int4 / onnxruntime-genai int4 runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=68)
@@ -158,8 +172,8 @@ def main() -> None:
     add(INT8, ours(bundles["int8"], a))
     add(INT4, ours(bundles["int4"], a))
     add(INT4_ALL, ours(bundles["int4-all"], a))
-    add(GENAI_INT4, peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a,
-                         "--model", str(PEERS / "genai-int4")))
+    genai_int4 = ("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, "--model", str(PEERS / "genai-int4"))
+    add(GENAI_INT4, peer(*genai_int4[:4], a, *genai_int4[4:]))
     add(LLAMACPP, peer("llamacpp", PEERS / "llamacpp/bin/python", "llamacpp_peer.py", ids_file, a))
     copy = copy_bandwidth_gbs()
 
@@ -167,6 +181,8 @@ def main() -> None:
     ratios = {}
     ratios["decode guarded / unsplit (median of adjacent pairs)"] = ratio["decode"]
     ratios["first token guarded / unsplit (median of adjacent pairs)"] = ratio["ttft"]
+    ratios[f"decode int4 / onnxruntime-genai int4 (median of {a.peer_pairs} alternating process pairs)"] = \
+        paired_with_peer(bundles["int4"], genai_int4, a)
     for label, mine, other, key in [("decode guarded / onnxruntime-genai fp32", GUARDED, GENAI, "decode_tok_s"),
                                     ("decode int8 / fp32 (guarded)", INT8, GUARDED, "decode_tok_s"),
                                     ("decode int4 / fp32 (guarded)", INT4, GUARDED, "decode_tok_s"),

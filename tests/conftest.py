@@ -13,17 +13,18 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_tokenizer(texts):
+def tiny_tokenizer(texts, extra_specials: list[str] = ()):
     """A word-level tokenizer with a ChatML template, trained on `texts` (no hub, no files)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", *extra_specials]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts + ["system user assistant"], trainers.WordLevelTrainer(special_tokens=specials))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|im_end|>", bos_token="<|im_start|>")
+                                   eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   additional_special_tokens=list(extra_specials) or None)
     fast.chat_template = CHATML
     return fast
 
@@ -79,3 +80,87 @@ class TinyExport:
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_export(request, tmp_path_factory):
     return TinyExport(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+CHATML_IMAGES = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+                 "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}"
+                 "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_llava_onevision(texts, seed: int = 0):
+    """A tiny random LLaVA-OneVision (SigLIP tower 32 px in 8 px patches, Qwen2 decoder) with its
+    processor: a LoadedModel as load_model gives for a multimodal folder."""
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, Qwen2Config,
+                              SiglipVisionConfig)
+
+    from steerguard.export.models import LoadedModel
+
+    tok = tiny_tokenizer(texts, extra_specials=["<image>", "<video>"])
+    tok.chat_template = CHATML_IMAGES
+    torch.manual_seed(seed)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+    cfg = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_grid_pinpoints=pinpoints,
+                               image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               video_token_id=tok.convert_tokens_to_ids("<video>"),
+                               vision_feature_layer=-1, vision_feature_select_strategy="full")
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                          image_grid_pinpoints=pinpoints)
+    processor = _image_only(LlavaOnevisionProcessor)(image_processor=images, tokenizer=tok, video_processor=None,
+                                   chat_template=CHATML_IMAGES, num_image_tokens=16,
+                                   vision_feature_select_strategy="full")
+    return LoadedModel(model=model, tokenizer=tok, source="tiny-llava-onevision", name="tiny-llava-onevision",
+                       sha256="llava-onevision-sha", processor=processor)
+
+
+def _image_only(processor_class):
+    """The processor without a video processor: that needs torchvision, which does not install beside
+    this machine's CPU torch."""
+
+    class ImageOnly(processor_class):
+        def check_argument_for_proper_class(self, name, arg):
+            if name != "video_processor":
+                return super().check_argument_for_proper_class(name, arg)
+
+    return ImageOnly
+
+
+QWEN2_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def tiny_qwen2_vl(texts, seed: int = 0):
+    """A tiny random Qwen2-VL (one-block vision tower, 14 px patches merged 2 x 2, 3-D rotary decoder)
+    with its processor."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    from steerguard.export.models import LoadedModel
+
+    specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    tok = tiny_tokenizer(texts, extra_specials=specials)
+    template = CHATML_IMAGES.replace("<image>", QWEN2_VL_IMAGE)
+    tok.chat_template = template
+    torch.manual_seed(seed)
+    ids = {"vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
+           "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
+           "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
+           "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>")}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids)).eval()
+    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16)
+    processor = _image_only(Qwen2VLProcessor)(image_processor=images, tokenizer=tok, video_processor=None,
+                                              chat_template=template)
+    return LoadedModel(model=model, tokenizer=tok, source="tiny-qwen2-vl", name="tiny-qwen2-vl",
+                       sha256="qwen2-vl-sha", processor=processor)

@@ -22,8 +22,9 @@ def quantized(request, tiny_export, tmp_path_factory):
 
 
 def expected(precision: str) -> dict:
-    """int4 bundles keep the pre engine (what the prober reads) at int8."""
-    return {"pre": "int8", "post": precision, "head": precision}
+    """int4 bundles keep the pre engine (what the prober reads) at int8 and decode its layers at int4."""
+    decode = {"pre_decode": "int4"} if precision == "int4" else {}
+    return {"pre": "int8", **decode, "post": precision, "head": precision}
 
 
 def test_decoder_and_head_weights_are_matmulnbits_and_the_prober_is_untouched(quantized):
@@ -39,6 +40,8 @@ def test_decoder_and_head_weights_are_matmulnbits_and_the_prober_is_untouched(qu
     manifest = json.loads((path / "manifest.json").read_text())
     assert {e["name"]: e["precision"] for e in manifest["engines"]} == {
         "embed": "fp32", **expected(precision), "refusal": "fp32"}
+    head = next(e for e in manifest["engines"] if e["name"] == "head")
+    assert head["block_size"] == (64 if precision == "int4" else 16)   # int4: the longest block dividing d = 64
 
 
 def test_quantized_bundle_keeps_risk_and_logits_close_to_fp32(quantized, tiny_export):
@@ -66,6 +69,24 @@ def test_int4_everywhere_on_request(tiny_export, tmp_path):
                          engine_precision={"pre": "int4"}, progress=False)
     assert json.loads((path / "manifest.json").read_text())["engines"][1]["precision"] == "int4"
     assert GuardedModel.load(path).generate(PROMPTS[0], Sampling(max_new_tokens=3)).token_ids
+    assert "pre_decode" not in {e["name"] for e in json.loads((path / "manifest.json").read_text())["engines"]}
+
+
+def test_int4_bundle_prefills_at_int8_and_decodes_at_int4(tiny_export, tmp_path_factory):
+    root = tmp_path_factory.mktemp("phases")
+    int4 = GuardedModel.load(export_bundle(tiny_export.lm, tiny_export.guard, root / "int4", precision="int4",
+                                           block_size=16, progress=False))
+    int8 = GuardedModel.load(export_bundle(tiny_export.lm, tiny_export.guard, root / "int8", precision="int8",
+                                           block_size=16, progress=False))
+    assert [e.name for e, _ in int4.decoders] == ["pre", "post"]
+    assert [e.name for e, _ in int4.step_decoders] == ["pre_decode", "post"]
+    assert "risk" not in int4.step_decoders[0][0].output_names
+    for prompt in PROMPTS:   # the prober sees exactly what the int8 bundle's prober sees
+        assert int4.score(prompt) == int8.score(prompt)
+    pre, pre_decode = int4.decoders[0][0], int4.step_decoders[0][0]
+    pre.calls = pre_decode.calls = 0
+    r = int4.generate(PROMPTS[0], Sampling(max_new_tokens=6, ignore_eos=True), steer=False)
+    assert (pre.calls, pre_decode.calls) == (1, len(r.token_ids) - 1)
 
 
 def test_fp16_bundle_is_refused_on_the_cpu_backend(tiny_export, tmp_path):

@@ -1,8 +1,9 @@
-"""Decoder architectures described as data: where each family keeps its layers, norms and head.
+"""Architectures described as data: where each family keeps its layers, norms, head and vision parts.
 
-Adding a text-decoder family means adding one `Family` entry, not export code. `DecoderSpec.from_model`
-reads the shapes and weights of a loaded transformers model into plain numpy, which is all the ONNX
-graph builder sees."""
+Adding a text-decoder family means adding one `Family` entry; a multimodal family adds a `VisionFamily`
+naming its text decoder's place and its vision parts, not export code. `DecoderSpec.from_model` reads
+the shapes and weights of a loaded transformers model into plain numpy, which is all the ONNX graph
+builder sees."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from ..errors import SteerguardError
 
 @dataclass(frozen=True)
 class Family:
-    """Parameter names of one decoder family; `{i}` is the layer index."""
-    layer: str = "model.layers.{i}."
+    """Parameter names of one decoder family, relative to its language model (`model.` in a causal LM);
+    `{i}` is the layer index. `head` is a full name."""
+    layer: str = "layers.{i}."
     q: str = "self_attn.q_proj"
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
@@ -26,8 +28,8 @@ class Family:
     down: str = "mlp.down_proj"
     attn_norm: str = "input_layernorm.weight"
     mlp_norm: str = "post_attention_layernorm.weight"
-    final_norm: str = "model.norm.weight"
-    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "norm.weight"
+    embed: str = "embed_tokens.weight"
     head: str = "lm_head.weight"
     qkv_bias: bool = False
 
@@ -36,7 +38,32 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(),
     "qwen2": Family(qkv_bias=True),
+    "qwen2_vl_text": Family(qkv_bias=True),
 }
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """A multimodal model: its text decoder (any `Family`, found at `text_base`) and its vision parts.
+    `kind` names the vision engine builder (export.vision) and the runtime's image preprocessing and
+    feature packing (runtime.images); `image_token_id` is the config attribute holding the placeholder
+    token's id; `max_images` the images one prompt may carry (LLaVA-OneVision tiles a single image but
+    shows several as one square tile each, a path not mirrored yet)."""
+    kind: str
+    text_base: str = "model.language_model."
+    image_token_id: str = "image_token_id"
+    max_images: int = 1
+
+
+VISION_FAMILIES: dict[str, VisionFamily] = {
+    "llava_onevision": VisionFamily("llava_onevision"),
+    "qwen2_vl": VisionFamily("qwen2_vl", max_images=4),
+}
+
+
+def text_config(config):
+    """The language model's config of a causal LM or a multimodal model."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 @dataclass
@@ -69,31 +96,40 @@ class DecoderSpec:
     head: np.ndarray           # (V, d) the LM head (a copy when tied)
     final_norm: np.ndarray
     layers: list[LayerWeights] = field(default_factory=list)
+    # multimodal rotary (Qwen2-VL): the rotary tables become engine inputs the runtime fills per request
+    mrope: dict | None = None    # {"section": [t, h, w] frequency counts, "inv_freq": [...]}
 
     @classmethod
     def from_model(cls, model, context: int | None = None) -> "DecoderSpec":
         import torch
 
-        cfg = model.config
+        vision = VISION_FAMILIES.get(model.config.model_type)
+        cfg = text_config(model.config)
         arch = cfg.model_type
         if arch not in FAMILIES:
-            raise SteerguardError(f"architecture {arch!r} is not supported for export yet "
-                                  f"(supported: {', '.join(sorted(FAMILIES))})")
+            raise SteerguardError(f"architecture {model.config.model_type!r} is not supported for export yet "
+                                  f"(supported: {', '.join(sorted([*FAMILIES, *VISION_FAMILIES]))})")
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise SteerguardError(f"{arch}: hidden_act {cfg.hidden_act!r} is not supported (silu only)")
         fam = FAMILIES[arch]
+        base = vision.text_base if vision else "model."
         sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         context = context or getattr(cfg, "max_position_embeddings", 4096)
         with torch.no_grad():
-            rotary = model.model.rotary_emb
+            rotary = model.get_decoder().rotary_emb
             pos = torch.arange(context)[None]
             cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
         half = head_dim // 2
+        mrope = None
+        if getattr(rotary, "mrope_section", None):
+            if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+                raise SteerguardError(f"{arch}: scaled multimodal rotary embeddings are not supported")
+            mrope = {"section": [int(x) for x in rotary.mrope_section], "inv_freq": rotary.inv_freq.tolist()}
 
         def w(name: str) -> np.ndarray:
-            return sd[name]
+            return sd[base + name]
 
         layers = []
         for i in range(cfg.num_hidden_layers):
@@ -106,9 +142,9 @@ class DecoderSpec:
                 mlp_norm=w(p + fam.mlp_norm),
                 gate_up=np.concatenate([w(p + fam.gate + ".weight"), w(p + fam.up + ".weight")]).T.copy(),
                 down=w(p + fam.down + ".weight").T.copy()))
-        head = sd.get(fam.head, sd[fam.embed])
-        return cls(architecture=arch, num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+        head = sd.get(fam.head, w(fam.embed))
+        return cls(architecture=model.config.model_type, num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                    intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, rms_eps=float(cfg.rms_norm_eps),
                    context=context, cos=cos[0, :, :half].numpy().copy(), sin=sin[0, :, :half].numpy().copy(),
-                   embed=sd[fam.embed], head=head.copy(), final_norm=w(fam.final_norm), layers=layers)
+                   embed=w(fam.embed), head=head.copy(), final_norm=w(fam.final_norm), layers=layers, mrope=mrope)

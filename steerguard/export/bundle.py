@@ -3,7 +3,7 @@ describes the chain as data and pins every file by sha256.
 
     bundle/
       manifest.json
-      engines/{embed,pre,post,head,refusal}.onnx (+ .onnx.data)
+      engines/{vision,embed,pre,post,head,refusal}.onnx (+ .onnx.data; vision in multimodal bundles only)
       tokenizer/tokenizer.json, tokenizer_config.json, chat_template.jinja
       report/sas.json, sas.png, guard.json
 """
@@ -28,21 +28,28 @@ from .quantize import check_precision, quantize
 from .onnx_graph import (ProberWeights, decoder_engine, embed_engine, head_engine, past_names, present_names,
                          refusal_engine, save_engine)
 from .refusal import end_of_turn_ids
+from .vision import vision_engine, vision_family, vision_manifest
 
 PROBER_PRECISIONS = ("int8", "fp32")
 
 
 def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, precision: str = "fp32",
-                  block_size: int = 32, prober_precision: str = "int8", context: int | None = None,
+                  block_size: int = 32, head_block_size: int | None = None, prober_precision: str = "int8",
+                  context: int | None = None,
                   engine_precision: dict[str, str] | None = None, progress: bool = True) -> Path:
     """Export `lm` split at the guard's layer (or unsplit and unguarded when `guard` is None), the
     decoder and head engines' weights at `precision` (`engine_precision` overrides it per engine name,
-    e.g. {"pre": "int8"}). Written to `out.partial` and renamed at the
+    e.g. {"pre": "int8"}), in blocks of `block_size` (the head: `head_block_size`; by default at int4 the
+    largest of 128, 64, ... that divides the hidden size, since onnxruntime's kernel spends a third less
+    time on a 49k-row head with blocks of 64 than of 32). Written to `out.partial` and renamed at the
     end, so `out` never holds a half-written bundle."""
     check_precision(precision, block_size)
+    if head_block_size is not None:
+        check_precision(precision, head_block_size)
     if precision == "int4" and engine_precision is None:
         # int4 weights in the layers before the split move h_l* enough to flip 21% of the prober's
-        # decisions (docs/precision.md); int8 there keeps them (99.7% agreement) at 2x fp32 speed
+        # decisions (docs/precision.md): the prompt goes through them at int8 (99.7% agreement), the
+        # generated tokens at int4 (a `pre_decode` engine)
         engine_precision = {"pre": "int8"}
     for p in (engine_precision or {}).values():
         check_precision(p, block_size)
@@ -57,6 +64,8 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
     if spec.head_dim % 16:
         raise SteerguardError(f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's fused "
                               "attention needs; this model cannot be exported yet")
+    if head_block_size is None:
+        head_block_size = _long_head_blocks(spec.hidden_size, block_size) if precision == "int4" else block_size
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,11 +80,21 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         l_star = guard.split_layer
         p = guard.prober
         prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision)
-        chain += [("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
-                                                            name="pre"), {"layers": [0, l_star], "prober": prober_precision}),
-                  ("post", "decoder", lambda: decoder_engine(spec, l_star, n, final_norm=True, name="post"),
-                   {"layers": [l_star, n]})]
+        chain.append(("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
+                                                               name="pre"), {"layers": [0, l_star], "prober": prober_precision}))
+        if (engine_precision or {}).get("pre", precision) != precision:
+            # the prober reads the prompt's state at the pre engine's precision; the tokens after it need no
+            # prober and run these layers at the bundle's precision
+            chain[-1][3]["phase"] = "prefill"
+            chain.append(("pre_decode", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False,
+                                                                          name="pre_decode"),
+                          {"layers": [0, l_star], "phase": "decode"}))
+        chain.append(("post", "decoder", lambda: decoder_engine(spec, l_star, n, final_norm=True, name="post"),
+                      {"layers": [l_star, n]}))
     chain.append(("head", "head", lambda: head_engine(spec), {}))
+    vision = vision_manifest(lm.model, lm.processor) if vision_family(lm.model) else None
+    if vision is not None:
+        chain.insert(0, ("vision", "vision", lambda: vision_engine(lm.model), {}))
     if guard is not None:
         chain.append(("refusal", "refusal", lambda: refusal_engine(guard.refusal.transform), {}))
 
@@ -85,10 +104,11 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         model = build()
         weights, other = _weight_counts(model)
         this = (engine_precision or {}).get(name, precision if role in ("decoder", "head") else "fp32")
-        model = quantize(model, this, block_size)
+        block = head_block_size if role == "head" else block_size
+        model = quantize(model, this, block)
         files = save_engine(model, tmp / "engines" / f"{name}.onnx")
         if this in ("int8", "int4"):
-            extra = {**extra, "block_size": block_size}
+            extra = {**extra, "block_size": block}
         engines.append({"name": name, "role": role, "file": f"engines/{name}.onnx", "precision": this,
                         "matmul_weights": weights, "other_weights": other,
                         "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
@@ -107,7 +127,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         "model": {"name": lm.name, "source": lm.source, "sha256": lm.sha256, "architecture": spec.architecture,
                   "num_layers": n, "hidden_size": spec.hidden_size, "vocab_size": spec.vocab_size,
                   "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                  "context": spec.context},
+                  "context": spec.context, "mrope": spec.mrope},
         "guard": None if guard is None else {
             "split_layer": guard.split_layer, "tau": guard.prober.tau, "eps": guard.refusal.eps,
             "feature": guard.prober.feature, "prober_precision": prober_precision,
@@ -115,6 +135,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
             "sas": {"layers": guard.sas.layers, "scores": guard.sas.scores, "num_pairs": guard.sas.num_pairs},
             "calibration": guard.calibration, "metrics": guard.metrics},
         "engines": engines,
+        "vision": vision,
         "cache": {"inputs": list(past_names("{i}")), "outputs": list(present_names("{i}")),
                   "layout": "batch, kv_heads, sequence, head_dim", "shared_buffer": True},
         "tokenizer": {"file": "tokenizer/tokenizer.json", "config": "tokenizer/tokenizer_config.json",
@@ -127,6 +148,14 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _long_head_blocks(hidden_size: int, block_size: int) -> int:
+    """The longest block up to 128 that divides the hidden size (so nothing is padded), at least `block_size`."""
+    b = 128
+    while b > block_size and hidden_size % b:
+        b //= 2
+    return b
 
 
 def _weight_counts(model) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import SteerguardError
 from .augment import augment_pairs
-from .data import Pair, PromptSet, default_benign, default_pairs
+from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
 from .guard import Guard
 from .hidden import extract_hidden_states
 from .prober import Prober, auroc
@@ -74,7 +74,8 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     rng = random.Random(cfg.seed + 1)
 
     t = time.perf_counter()
-    hs = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size, progress and "hidden states")
+    hs = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size, progress and "hidden states",
+                               processor=lm.processor)
     timings["hidden_states_s"] = time.perf_counter() - t
 
     pair_train = ~val[:2 * len(pairs):2]
@@ -89,14 +90,15 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     t = time.perf_counter()
     targets = [p for p in pairs if p.refusal]
     targets = _per_source_sample(targets, cfg.refusal_targets // max(1, len({p.source for p in targets})), rng)
-    refusal = RefusalHead.train(lm.model, lm.tokenizer, [p.harmful for p in targets], [p.refusal for p in targets],
-                                eps=cfg.eps, epochs=cfg.refusal_epochs, seed=cfg.seed, progress=progress)
+    refusal = RefusalHead.train(lm.model, lm.tokenizer, [p.prompts()[0] for p in targets],
+                                [p.refusal for p in targets], eps=cfg.eps, epochs=cfg.refusal_epochs, seed=cfg.seed,
+                                progress=progress, processor=lm.processor)
     timings["refusal_s"] = time.perf_counter() - t
 
-    cfgm = lm.model.config
+    text = lm.text_config
     return Guard(
-        model={"name": lm.name, "source": lm.source, "sha256": lm.sha256, "architecture": cfgm.model_type,
-               "num_layers": n_layers, "hidden_size": cfgm.hidden_size, "vocab_size": cfgm.vocab_size},
+        model={"name": lm.name, "source": lm.source, "sha256": lm.sha256, "architecture": lm.model.config.model_type,
+               "num_layers": n_layers, "hidden_size": text.hidden_size, "vocab_size": text.vocab_size},
         split_layer=layer, sas=sas, prober=prober, refusal=refusal,
         calibration={"sources": data.sources(), "used": {"pairs": len(pairs), "prompts": len(texts),
                      "validation": int(val.sum()), "refusal_targets": len(targets)},
@@ -109,7 +111,7 @@ class CalibrationTable:
     """Every calibration prompt with its label, source and validation flag. Rows 0..2P-1 are the
     pairs, harmful then benign; source names end in + / - for the two sides of a pair source."""
     pairs: list[Pair]
-    texts: list[str]
+    texts: list[Prompt]
     labels: np.ndarray
     sources: np.ndarray
     val: np.ndarray
@@ -127,7 +129,7 @@ class CalibrationTable:
             raise SteerguardError(f"calibration needs at least {MIN_PAIRS} harmful/benign pairs, got {len(pairs)}")
         texts, labels, sources = [], [], []
         for p in pairs:
-            texts += [p.harmful, p.benign]
+            texts += list(p.prompts())
             labels += [1, 0]
             sources += [f"{p.source}+", f"{p.source}-"]
         for s in data.extra:

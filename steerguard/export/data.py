@@ -17,12 +17,32 @@ from ..errors import SteerguardError, where
 
 
 @dataclass(frozen=True)
+class ImagePrompt:
+    """A request that shows the model an image (a file path) with its text."""
+    text: str
+    image: str
+
+    def strip(self) -> str:   # prompts are checked for emptiness by their text
+        return self.text.strip()
+
+
+Prompt = str | ImagePrompt
+
+
+@dataclass(frozen=True)
 class Pair:
-    """A harmful request and a benign counterpart in the same style; `refusal` is a training target."""
+    """A harmful request and a benign counterpart in the same style; `refusal` is a training target.
+    With `image` (a file path) both requests are asked about that image."""
     harmful: str
     benign: str
     source: str
     refusal: str | None = None
+    image: str | None = None
+
+    def prompts(self) -> tuple[Prompt, Prompt]:
+        if self.image is None:
+            return self.harmful, self.benign
+        return ImagePrompt(self.harmful, self.image), ImagePrompt(self.benign, self.image)
 
 
 @dataclass
@@ -138,18 +158,39 @@ def drop_calibration_overlap(sets: list[PromptSet]) -> dict[str, int]:
 
 def load_pairs(path: str | Path, harmful: str = "harmful", benign: str = "benign",
                refusal: str | None = "refusal", caption: str | None = None,
-               source: str | None = None) -> list[Pair]:
-    """Pairs from the user's own file; which column is which is an option."""
+               source: str | None = None, image: str | None = None, image_root: str | Path | None = None,
+               caption_for_missing_image: bool = False) -> list[Pair]:
+    """Pairs from the user's own file; which column is which is an option. With `image` (a column of
+    file paths, relative to `image_root` or the data file's folder) each pair is asked about its image;
+    a missing image is an error naming the row, unless `caption_for_missing_image` puts the row's
+    caption in its place as text."""
     path = Path(path)
+    root = Path(image_root) if image_root else path.parent
     pairs = []
     for n, row in read_rows(path):
         cap = field_text(row, caption, path, n, required=False) if caption else None
+        picture = _image_of(row, image, root, path, n, fallback=caption_for_missing_image and cap is not None)
+        shown = None if picture else cap
         pairs.append(Pair(
-            harmful=with_caption(cap, field_text(row, harmful, path, n)),
-            benign=with_caption(cap, field_text(row, benign, path, n)),
+            harmful=with_caption(shown, field_text(row, harmful, path, n)),
+            benign=with_caption(shown, field_text(row, benign, path, n)),
             source=source or path.stem,
-            refusal=field_text(row, refusal, path, n, required=False) if refusal else None))
+            refusal=field_text(row, refusal, path, n, required=False) if refusal else None,
+            image=picture))
     return pairs
+
+
+def _image_of(row: dict, column: str | None, root: Path, path: Path, n: int, fallback: bool) -> str | None:
+    if not column:
+        return None
+    name = field_text(row, column, path, n)
+    file = root / name
+    if file.is_file():
+        return str(file)
+    if fallback:
+        return None
+    raise SteerguardError(f"{where(path, n)}: image {file} not found; fix the path (images are looked up "
+                          "under --image-root) or use its caption as text instead (--caption-for-missing-image)")
 
 
 def load_prompts(path: str | Path, label: int, column: str = "prompt", caption: str | None = None,

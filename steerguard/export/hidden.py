@@ -44,16 +44,55 @@ class HiddenStates:
         return (self.last if kind == "last" else self.mean)[:, layer]
 
 
+def image_inputs(processor, prompt, extra_ids: Sequence[int] = ()) -> dict:
+    """The model's inputs for an image prompt as its own processor builds them (image placeholders
+    expanded, pixel values, sizes / grids), with `extra_ids` appended to the token ids."""
+    from PIL import Image
+
+    from ..errors import SteerguardError
+
+    try:
+        with Image.open(prompt.image) as im:
+            image = im.copy()
+    except OSError as e:
+        raise SteerguardError(f"{prompt.image}: cannot read this image ({e})") from None
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = dict(processor(text=text, images=[image], return_tensors="pt"))
+    return with_tokens(inputs, extra_ids)
+
+
+def with_tokens(inputs: dict, extra_ids: Sequence[int]) -> dict:
+    """Processor outputs with text tokens appended (ids, mask, and the per-token modality types)."""
+    if not extra_ids:
+        return inputs
+    n = len(extra_ids)
+    out = {**inputs, "input_ids": torch.cat([inputs["input_ids"], torch.tensor([list(extra_ids)])], dim=1)}
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    if "mm_token_type_ids" in inputs:   # 0 = text
+        types = inputs["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([types, torch.zeros((1, n), dtype=types.dtype)], dim=1)
+    return out
+
+
 @torch.inference_mode()
-def extract_hidden_states(model, tokenizer, prompts: Sequence[str], batch_size: int = 16,
-                          progress: bool | str = False) -> HiddenStates:
+def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int = 16,
+                          progress: bool | str = False, processor=None) -> HiddenStates:
     """Run the decoder (no LM head) over `prompts` in length-sorted, right-padded batches.
     Right padding keeps positions and the causal mask exact, so a batched state equals the
-    state of the prompt run alone (up to float rounding)."""
-    ids = [chat_ids(tokenizer, p) for p in prompts]
+    state of the prompt run alone (up to float rounding). Image prompts (`data.ImagePrompt`) go one
+    at a time through the whole multimodal model, as its processor prepares them."""
+    images = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if images and processor is None:
+        from ..errors import SteerguardError
+
+        raise SteerguardError("the calibration data has images, but this model reads text only")
+    ids = [chat_ids(tokenizer, p) if isinstance(p, str) else [] for p in prompts]
     prefix = template_prefix_len(tokenizer)
     order = np.argsort([len(x) for x in ids], kind="stable")
-    cfg = model.config
+    from .arch import text_config
+
+    cfg = text_config(model.config)
     n_layers, d = cfg.num_hidden_layers, cfg.hidden_size
     last = np.zeros((len(ids), n_layers + 1, d), np.float32)
     mean = np.zeros_like(last)
@@ -61,8 +100,16 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence[str], batch_size: 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     bar = tqdm(total=len(ids), desc=progress if isinstance(progress, str) else "hidden states",
                disable=not progress, unit="prompt")
-    for start in range(0, len(ids), batch_size):
-        batch = order[start:start + batch_size]
+    for i in images:
+        inputs = image_inputs(processor, prompts[i])
+        ids[i] = inputs["input_ids"][0].tolist()
+        states = torch.stack(model(**inputs, output_hidden_states=True, use_cache=False).hidden_states, 1)[0].float()
+        last[i] = states[:, -1].numpy()
+        mean[i] = states[:, prefix:].mean(1).numpy()
+        bar.update(1)
+    texts = [i for i in order if isinstance(prompts[i], str)]
+    for start in range(0, len(texts), batch_size):
+        batch = np.array(texts[start:start + batch_size])
         lengths = [len(ids[i]) for i in batch]
         width = max(lengths)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)

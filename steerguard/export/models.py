@@ -4,6 +4,7 @@ already in the local HF cache, or the embedded demo model (fetched once, hash-ch
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -30,14 +31,21 @@ class LoadedModel:
     source: str              # what the user named
     name: str                # a short display name
     sha256: str              # hash of the weight files the model came from
+    processor: "object" = None  # transformers processor (tokenizer + image processor) of a multimodal model
+
+    @property
+    def text_config(self):
+        from .arch import text_config
+
+        return text_config(self.model.config)
 
     @property
     def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
+        return self.text_config.num_hidden_layers
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        return self.text_config.hidden_size
 
 
 def cache_dir() -> Path:
@@ -149,13 +157,32 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
             raise SteerguardError(f"{path} does not exist")
         else:
             folder, name = _from_hf_cache(spec), spec
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        processor = None
+        if _is_multimodal(folder):
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            tokenizer = processor.tokenizer
+            if getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
+                tokenizer.chat_template = processor.chat_template
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except SteerguardError:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise SteerguardError(f"could not load model {spec}: {str(e).splitlines()[0]}") from e
-    return _finish(model.eval(), tokenizer, spec, name, _weights_sha256(Path(folder)))
+    lm = _finish(model.eval(), tokenizer, spec, name, _weights_sha256(Path(folder)))
+    lm.processor = processor
+    return lm
+
+
+def _is_multimodal(folder: Path) -> bool:
+    from .arch import VISION_FAMILIES
+
+    config = Path(folder) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") in VISION_FAMILIES
 
 
 def _from_hf_cache(model_id: str) -> Path:

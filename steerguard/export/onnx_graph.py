@@ -144,7 +144,12 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
                     to=TensorProto.INT32)
     total = g.one("Cast", [g.one("Gather", [g.one("Shape", [mask]), g.const("index1", np.array(1, np.int64))])],
                   to=TensorProto.INT32)
-    cos, sin = g.const("cos_cache", spec.cos), g.const("sin_cache", spec.sin)
+    if spec.mrope:   # per-request tables: row i rotates the token at sequence index i (3-D positions)
+        half = spec.head_dim // 2
+        cos = g.input("rotary_cos", f32, ["rotary_positions", half])
+        sin = g.input("rotary_sin", f32, ["rotary_positions", half])
+    else:
+        cos, sin = g.const("cos_cache", spec.cos), g.const("sin_cache", spec.sin)
     eps = spec.rms_eps
 
     residual, pending = x, None

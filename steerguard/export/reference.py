@@ -54,7 +54,7 @@ class ReferenceGuard:
         self.head = lm.model.get_output_embeddings()
         self.stop_ids = set(end_of_turn_ids(lm.tokenizer))
         self.prefix_len = template_prefix_len(lm.tokenizer)
-        self.context = getattr(lm.model.config, "max_position_embeddings", 1 << 30)
+        self.context = getattr(lm.text_config, "max_position_embeddings", 1 << 30)
         if guard is not None:
             guard.check_model(lm)
             self.transform = torch.from_numpy(guard.refusal.transform)

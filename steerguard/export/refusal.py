@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .hidden import chat_ids
+from .hidden import chat_ids, image_inputs
 
 
 @dataclass
@@ -23,14 +23,15 @@ class RefusalHead:
     metrics: dict = field(default_factory=dict)
 
     @classmethod
-    def train(cls, model, tokenizer, prompts: Sequence[str], targets: Sequence[str], eps: float = 0.1,
+    def train(cls, model, tokenizer, prompts: Sequence, targets: Sequence[str], eps: float = 0.1,
               epochs: int = 4, max_target_tokens: int = 48, lr: float = 2e-2, batch_positions: int = 1024,
-              seed: int = 0, progress: bool = False) -> "RefusalHead":
-        """Fit S (identity init) so that the frozen model, read through R, writes `targets` after `prompts`."""
+              seed: int = 0, progress: bool = False, processor=None) -> "RefusalHead":
+        """Fit S (identity init) so that the frozen model, read through R, writes `targets` after `prompts`
+        (texts, or image prompts read through `processor`)."""
         import torch
         from tqdm.auto import tqdm
 
-        hidden, labels = refusal_cache(model, tokenizer, prompts, targets, max_target_tokens, progress)
+        hidden, labels = refusal_cache(model, tokenizer, prompts, targets, max_target_tokens, progress, processor)
         weight = model.get_output_embeddings().weight.detach()              # (V, d)
         d = weight.shape[1]
         s = torch.nn.Parameter(torch.eye(d))
@@ -71,8 +72,8 @@ class RefusalHead:
         return cls(transform=np.load(folder / "refusal_transform.npy"), eps=meta["eps"], metrics=meta["metrics"])
 
 
-def refusal_cache(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], max_target_tokens: int,
-                  progress: bool = False):
+def refusal_cache(model, tokenizer, prompts: Sequence, targets: Sequence[str], max_target_tokens: int,
+                  progress: bool = False, processor=None):
     """Final (normed) hidden states at each position that predicts a target token, and those tokens.
     The target ends with the chat template's end-of-turn token, so the head learns to stop."""
     import torch
@@ -84,10 +85,15 @@ def refusal_cache(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
     with torch.inference_mode():
         for prompt, target in tqdm(list(zip(prompts, targets)), desc="refusal cache", disable=not progress,
                                    unit="target"):
-            p = chat_ids(tokenizer, prompt)
             t = (tokenizer.encode(target, add_special_tokens=False) + end[:1])[:max_target_tokens]
-            out = decoder(input_ids=torch.tensor([p + t]), use_cache=False)
-            hidden.append(out.last_hidden_state[0, len(p) - 1:len(p) + len(t) - 1].float())
+            if isinstance(prompt, str):
+                p = chat_ids(tokenizer, prompt)
+                final = decoder(input_ids=torch.tensor([p + t]), use_cache=False).last_hidden_state[0]
+            else:   # the whole multimodal model places the image; its last hidden state is the normed one
+                inputs = image_inputs(processor, prompt, t)
+                p = inputs["input_ids"][0, :-len(t)]
+                final = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1][0]
+            hidden.append(final[len(p) - 1:len(p) + len(t) - 1].float())
             labels.append(torch.tensor(t))
     return torch.cat(hidden).clone(), torch.cat(labels)
 

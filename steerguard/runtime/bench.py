@@ -30,9 +30,8 @@ def copy_bandwidth_gbs(mbytes: int = 256, repeats: int = 7) -> float:
 def decode_weight_bytes(model: GuardedModel) -> int:
     """Bytes of weights every decode step reads: the decoder engines and the head (embed reads one row)."""
     files = []
-    for e in model.manifest.engines:
-        if e["role"] in ("decoder", "head"):
-            files += [e["file"], *e.get("data_files", [])]
+    for e in model.manifest.engine("decoder", "decode") + model.manifest.engine("head"):
+        files += [e["file"], *e.get("data_files", [])]
     return sum(model.manifest.path(f).stat().st_size for f in files)
 
 
@@ -62,7 +61,8 @@ def bench(model: GuardedModel, ids: list[int], new_tokens: int = 128, runs: int 
           steer: bool | None = None) -> BenchResult:
     """Median over `runs` (after `warmup`) of greedy generation of exactly `new_tokens` tokens."""
     s = Sampling(max_new_tokens=new_tokens, ignore_eos=True)
-    engines = [model.embed, *(e for e, _ in model.decoders), model.head] + ([model.refusal] if model.refusal else [])
+    engines = list({e.name: e for e in [model.embed, *(e for e, _ in model.decoders + model.step_decoders),
+                                         model.head, *([model.refusal] if model.refusal else [])]}.values())
     samples = []
     for i in range(warmup + runs):
         for e in engines:

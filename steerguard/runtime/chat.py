@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 from ..errors import SteerguardError
 
-Message = dict  # {"role": "user" | "assistant" | "system", "content": str}
+Message = dict  # {"role": "user" | "assistant" | "system", "content": str or a list of parts}
+# a part: {"type": "text", "text": str} or {"type": "image", "image": path or PIL image} (multimodal bundles)
 
 
 def _raise(message: str):
@@ -43,8 +44,9 @@ class ChatTokenizer:
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         for m in messages:
-            if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-                raise SteerguardError("each chat message needs a 'role' and a text 'content'")
+            if not isinstance(m, dict) or "role" not in m or not _is_content(m.get("content")):
+                raise SteerguardError("each chat message needs a 'role' and a 'content': a text, or a list of "
+                                      "{'type': 'text', 'text': ...} and {'type': 'image', ...} parts")
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **self.special)
@@ -59,6 +61,14 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _is_content(content) -> bool:
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+        for p in content)
 
 
 class TextStream:

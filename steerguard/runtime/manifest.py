@@ -46,8 +46,10 @@ class Manifest:
     def engines(self) -> list[dict]:
         return self.data["engines"]
 
-    def engine(self, role: str) -> list[dict]:
-        return [e for e in self.engines if e["role"] == role]
+    def engine(self, role: str, phase: str | None = None) -> list[dict]:
+        """Engines of `role`; with `phase` ("prefill" or "decode"), those that run in it (an engine
+        without a phase runs in both)."""
+        return [e for e in self.engines if e["role"] == role and (phase is None or e.get("phase", phase) == phase)]
 
     def path(self, rel: str) -> Path:
         return self.root / rel

@@ -21,8 +21,19 @@ from ..errors import SteerguardError
 from .chat import ChatTokenizer, Message, TextStream
 from .manifest import Manifest
 from .sampling import Sampling, sample
+from .vision import VisionEncoder
 
 Request = str | Sequence[Message] | Sequence[int]   # a prompt, chat messages, or chat-formatted token ids
+
+
+@dataclass
+class Prompt:
+    """A request ready for prefill: token ids (image placeholders expanded), the rows that replace the
+    placeholders' embeddings, and for 3-D rotary models (Qwen2-VL) each token's (t, h, w) position."""
+    ids: list[int]
+    image_rows: np.ndarray | None = None
+    positions: np.ndarray | None = None    # (3, len(ids)) int64
+    position_delta: int = 0                # added to the positions of the tokens generated after it
 
 
 @dataclass
@@ -74,12 +85,26 @@ class GuardedModel:
             raise SteerguardError(f"{manifest.root}: fp16 engines ({', '.join(half)}) run on GPUs only; use "
                                   "--backend cuda or tensorrt, or export with --precision fp32, int8 or int4")
 
+        loaded: dict[str, Engine] = {}
+
         def load(e: dict) -> Engine:
-            return Engine(e["name"], manifest.path(e["file"]), be, threads)
+            if e["name"] not in loaded:
+                loaded[e["name"]] = Engine(e["name"], manifest.path(e["file"]), be, threads)
+            return loaded[e["name"]]
 
         self.embed = load(_one(manifest, "embed"))
-        self.decoders = [(load(e), range(*e["layers"])) for e in manifest.engine("decoder")]
+        # the prompt and the tokens after it may run different engines for the same layers: an int4 bundle
+        # prefills the layers before the split at int8 (what the prober reads) and decodes them at int4
+        self.decoders = [(load(e), range(*e["layers"])) for e in manifest.engine("decoder", "prefill")]
+        self.step_decoders = [(load(e), range(*e["layers"])) for e in manifest.engine("decoder", "decode")]
+        for phase, chain in (("prefill", self.decoders), ("decode", self.step_decoders)):
+            if [i for _, layers in chain for i in layers] != list(range(self.num_layers)):
+                raise SteerguardError(f"{manifest.root}: the {phase} engines do not cover layers 0-{self.num_layers - 1} "
+                                      "in order; the manifest is damaged, re-export the bundle")
         self.head = load(_one(manifest, "head"))
+        self.mrope = m.get("mrope")
+        vision = manifest.data.get("vision")
+        self.vision = VisionEncoder(vision, load(_one(manifest, "vision"))) if vision else None
         refusal = manifest.engine("refusal")
         self.refusal = load(refusal[0]) if refusal else None
         guard = manifest.guard
@@ -107,21 +132,68 @@ class GuardedModel:
 
     # ---- requests -> token ids ------------------------------------------------------------------
     def encode(self, request: Request) -> list[int]:
+        """Chat-formatted token ids of a request (image placeholders expanded)."""
+        return self.prepare(request).ids
+
+    def prepare(self, request: Request) -> Prompt:
+        """A request as a Prompt: its token ids and, when its messages carry images, the image rows
+        (run through the vision engine) and rotary positions."""
+        prompt = self._prepare(request)
+        if self.mrope is not None and prompt.positions is None:
+            prompt.positions = np.tile(np.arange(len(prompt.ids), dtype=np.int64), (3, 1))
+        return prompt
+
+    def _prepare(self, request: Request) -> Prompt:
         if isinstance(request, str):
             if not request.strip():
                 raise SteerguardError("the prompt is empty")
-            return self.tokenizer.encode_prompt(request)
+            return Prompt(self.tokenizer.encode_prompt(request))
         if not request:
             raise SteerguardError("no chat messages given")
         if all(isinstance(t, (int, np.integer)) for t in request):
             ids = [int(t) for t in request]
             if min(ids) < 0 or max(ids) >= self.manifest.model["vocab_size"]:
                 raise SteerguardError("token ids out of the vocabulary's range")
-            return ids
+            return Prompt(ids)
+        messages = list(request)
         if any(m.get("role") == "user" and isinstance(m.get("content"), str) and not m["content"].strip()
-               for m in request if isinstance(m, dict)):
+               for m in messages if isinstance(m, dict)):
             raise SteerguardError("the prompt is empty")
-        return self.tokenizer.encode_chat(list(request))
+        images = [p.get("image") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                  for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
+        if not images:
+            return Prompt(self.tokenizer.encode_chat(messages))
+        if self.vision is None:
+            raise SteerguardError(f"this bundle's model ({self.manifest.model['name']}) reads text only; "
+                                  "remove the image or export a multimodal model")
+        if any(im is None for im in images):
+            raise SteerguardError("an image part has no 'image' (a file path or a PIL image)")
+        if len(images) > self.vision.max_images:
+            raise SteerguardError(f"{len(images)} images given; this bundle's model ({self.manifest.model['name']}) "
+                                  f"takes at most {self.vision.max_images} per request")
+        pixels = [self.vision.prepare(im) for im in images]   # every image is read before anything runs
+        ids = self.vision.expand(self.tokenizer.encode_chat(_without_pixels(messages)), pixels)
+        if len(ids) >= self.context:
+            raise SteerguardError(f"{len(images)} image(s) and the text take {len(ids)} tokens, more than the "
+                                  f"model's context of {self.context}: send fewer or smaller images")
+        prompt = Prompt(ids, np.concatenate([self.vision.embed(p) for p in pixels]))
+        if self.mrope is not None:
+            prompt.positions, prompt.position_delta = self.vision.positions(ids, pixels)
+        return prompt
+
+    def rotary_tables(self, prompt: Prompt, length: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(cos, sin), (length, head_dim / 2): row i rotates the token at sequence index i — the prompt's
+        3-D positions, then the generated tokens' (i + delta) in all three (Qwen2-VL's multimodal rotary)."""
+        if self.mrope is None:
+            return None
+        n = len(prompt.ids)
+        positions = np.empty((3, length), np.int64)
+        positions[:, :n] = prompt.positions[:, :length]
+        positions[:, n:] = np.arange(n, length) + prompt.position_delta
+        inv_freq = np.asarray(self.mrope["inv_freq"], np.float64)
+        component = np.repeat(np.arange(len(self.mrope["section"])) % 3, self.mrope["section"])
+        angles = positions[component].T * inv_freq        # (length, half): slot j reads its section's axis
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     def _check_fits(self, ids: list[int], s: Sampling) -> None:
         if len(ids) + s.max_new_tokens > self.context:
@@ -129,10 +201,16 @@ class GuardedModel:
                                   f"exceeds the model's context of {self.context} tokens: shorten it")
 
     # ---- the loop -------------------------------------------------------------------------------
-    def prefill(self, ids: list[int], cache: KVCache, row: int, decoders: list | None = None
+    def prefill(self, prompt: Prompt | list[int], cache: KVCache, row: int, decoders: list | None = None
                 ) -> tuple[np.ndarray, float | None]:
-        """Run one prompt into row `row` of the cache; return its last final hidden state and its risk."""
+        """Run one prompt into row `row` of the cache; return its last final hidden state and its risk.
+        A Prompt's image rows replace the embeddings of its image placeholder tokens."""
+        prompt = prompt if isinstance(prompt, Prompt) else self.prepare(list(prompt))
+        ids = prompt.ids
         x = self.embed.run({"input_ids": np.array([ids], np.int64)})["inputs_embeds"]
+        if prompt.image_rows is not None:
+            x[0, np.asarray(ids) == self.vision.image_token_id] = prompt.image_rows
+        rotary = self.rotary_tables(prompt, cache.max_len)
         cache.lengths[row] = len(ids)
         mask = np.ones((1, len(ids)), np.int64)
         risk = None
@@ -140,6 +218,9 @@ class GuardedModel:
             b = engine.binding()
             b.bind_cpu_input(engine.input_names[0], x)
             b.bind_cpu_input("attention_mask", mask)
+            if rotary is not None:
+                b.bind_cpu_input("rotary_cos", rotary[0])
+                b.bind_cpu_input("rotary_sin", rotary[1])
             cache.bind(b, layers, row)
             outs = [n for n in engine.output_names if not n.startswith("present.")]
             for n in outs:
@@ -162,7 +243,7 @@ class GuardedModel:
         step.ids[:, 0] = tokens
         step.mask[np.arange(len(tokens)), cache.lengths - 1] = 1
         self.embed.run_binding(step.embed_binding)
-        for (engine, _), b in zip(self.decoders, step.bindings):
+        for (engine, _), b in zip(self.step_decoders, step.bindings):
             engine.run_binding(b)
         return step.hidden_out[-1][:, 0, :]
 
@@ -186,16 +267,19 @@ class GuardedModel:
         """The guard's risk for a request: runs the chain only up to the prober."""
         if not self.guarded:
             raise SteerguardError("this bundle has no guard to score with")
-        ids = self.encode(request)
-        self._check_fits(ids, Sampling(max_new_tokens=1))
+        prompt = self.prepare(request)
+        self._check_fits(prompt.ids, Sampling(max_new_tokens=1))
         upto = [i for i, (eng, _) in enumerate(self.decoders) if eng is self.risk_engine][0] + 1
-        cache = KVCache(range(self.decoders[upto - 1][1].stop), 1, self.kv_heads, len(ids), self.head_dim)
-        return self.prefill(ids, cache, 0, self.decoders[:upto])[1]
+        cache = KVCache(range(self.decoders[upto - 1][1].stop), 1, self.kv_heads, len(prompt.ids), self.head_dim)
+        return self.prefill(prompt, cache, 0, self.decoders[:upto])[1]
 
     def generate_batch(self, requests: Sequence[Request], sampling: Sampling | None = None,
                        steer: bool | None = None) -> list[GenerationResult]:
         """Answer several requests together, each with its own guard decision (`steer` True or False
         forces the refusal or the plain head for every request, for evaluation)."""
+        if self.mrope is not None and len(requests) > 1 and any(not isinstance(r, str) for r in requests):
+            # 3-D rotary tables differ per request with images, and the engines take one table per batch
+            return [self.generate_batch([r], sampling, steer)[0] for r in requests]
         steps = self.decode_tokens(requests, sampling, steer)
         while True:
             try:
@@ -210,7 +294,8 @@ class GuardedModel:
         s.check()
         if not requests:
             raise SteerguardError("no prompts given")
-        prompts = [self.encode(r) for r in requests]
+        encoded = [self.prepare(r) for r in requests]
+        prompts = [p.ids for p in encoded]
         for ids in prompts:
             self._check_fits(ids, s)
         batch = len(prompts)
@@ -221,8 +306,11 @@ class GuardedModel:
         t0 = time.perf_counter()
         last_hidden = np.zeros((batch, self.hidden_size), np.float32)
         risks: list[float | None] = []
-        for row, ids in enumerate(prompts):
-            last_hidden[row], risk = self.prefill(ids, cache, row)
+        rotary = [self.rotary_tables(p, max_len) for p in encoded]
+        if rotary[0] is not None and any(not np.array_equal(r[0], rotary[0][0]) for r in rotary):
+            raise SteerguardError("these requests place their tokens differently (images): decode them one by one")
+        for row, p in enumerate(encoded):
+            last_hidden[row], risk = self.prefill(p, cache, row)
             risks.append(risk)
         fired = np.array([self.decide(r) if steer is None else steer for r in risks])
         if fired.any() and self.refusal is None:
@@ -233,7 +321,7 @@ class GuardedModel:
         reasons: list[str | None] = [None] * batch
         streams = [TextStream(self.tokenizer) for _ in range(batch)]
         texts = [""] * batch
-        step = DecodeStep(self, cache, batch)
+        step = DecodeStep(self, cache, batch, rotary[0])
         hidden, t_first, n_steps = last_hidden, None, 0
         while True:
             logits = self.next_logits(hidden, fired, step if n_steps else None)
@@ -287,7 +375,8 @@ class DecodeStep:
     (ones up to each row's length): the engines read only its row sums and width, and attention
     with the shared KV buffer reads each row's length, so one mask serves every step."""
 
-    def __init__(self, model: GuardedModel, cache: KVCache, batch: int):
+    def __init__(self, model: GuardedModel, cache: KVCache, batch: int,
+                 rotary: tuple[np.ndarray, np.ndarray] | None = None):
         d = model.hidden_size
         self.ids = np.zeros((batch, 1), np.int64)
         self.mask = (np.arange(cache.max_len)[None, :] < cache.lengths[:, None]).astype(np.int64)
@@ -297,10 +386,14 @@ class DecodeStep:
         self.embed_binding.bind_ortvalue_output("inputs_embeds", ort.OrtValue.ortvalue_from_numpy(x))
         self.bindings, self.hidden_out = [], []
         self._keep = [x]
-        for engine, layers in model.decoders:
+        for engine, layers in model.step_decoders:
             b = engine.binding()
             b.bind_ortvalue_input(engine.input_names[0], ort.OrtValue.ortvalue_from_numpy(x))
             b.bind_cpu_input("attention_mask", self.mask)
+            if rotary is not None:
+                b.bind_cpu_input("rotary_cos", rotary[0])
+                b.bind_cpu_input("rotary_sin", rotary[1])
+                self._keep += list(rotary)
             cache.bind(b, layers)
             out = np.zeros((batch, 1, d), np.float32)
             name = "last_hidden_state" if "last_hidden_state" in engine.output_names else "hidden_states"
@@ -358,6 +451,12 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
                 held = max(held, k)
                 break
     return held
+
+
+def _without_pixels(messages: list) -> list:
+    """The messages with each image part reduced to {"type": "image"}, which is all a template renders."""
+    return [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
 
 
 def _one(manifest: Manifest, role: str) -> dict:
