@@ -164,3 +164,40 @@ def tiny_qwen2_vl(texts, seed: int = 0):
                                               chat_template=template)
     return LoadedModel(model=model, tokenizer=tok, source="tiny-qwen2-vl", name="tiny-qwen2-vl",
                        sha256="qwen2-vl-sha", processor=processor)
+
+
+def chameleon_image_token(index: int) -> str:
+    """Chameleon's name for codebook entry `index`: its decimal digits as the letters A..J."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(index)) + "Z"
+
+
+def tiny_chameleon(texts, seed: int = 0):
+    """A tiny random Chameleon (a 16-entry VQ tokenizer making 8 x 8 image tokens of a 32 px image, a
+    decoder with per-head query/key norms) with its processor."""
+    import torch
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonImageProcessorPil, ChameleonProcessor
+
+    from steerguard.export.models import LoadedModel
+
+    codebook = 16
+    specials = ["<image>", "<racm3:break>", "<eoss>", "<reserved08706>", *map(chameleon_image_token, range(codebook))]
+    tok = tiny_tokenizer(texts, extra_specials=specials)
+    tok.sep_token = "<reserved08706>"
+    tok.chat_template = CHATML_IMAGES
+    torch.manual_seed(seed)
+    vq = dict(embed_dim=4, num_embeddings=codebook, latent_channels=4, resolution=32, base_channels=32,
+              channel_multiplier=[1, 1, 1], num_res_blocks=1, attn_resolutions=[])
+    cfg = ChameleonConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          vq_config=vq, vocabulary_map=tok.get_vocab())
+    model = ChameleonForConditionalGeneration(cfg).eval()
+    with torch.no_grad():   # random init leaves the query/key norms at identity; make them matter
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.normal_(1.0, 0.2)
+                norm.bias.normal_(0.0, 0.2)
+    images = ChameleonImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = ChameleonProcessor(images, tok, image_seq_length=64)
+    processor.chat_template = CHATML_IMAGES
+    return LoadedModel(model=model, tokenizer=tok, source="tiny-chameleon", name="tiny-chameleon",
+                       sha256="chameleon-sha", processor=processor)

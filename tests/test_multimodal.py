@@ -10,12 +10,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import QWEN2_VL_IMAGE, tiny_llava_onevision, tiny_qwen2_vl
+from conftest import QWEN2_VL_IMAGE, tiny_chameleon, tiny_llava_onevision, tiny_qwen2_vl
 from steerguard.cli import main
 from steerguard.errors import SteerguardError
 from steerguard.export.bundle import export_bundle
 from steerguard.export.calibrate import CalibrationConfig, CalibrationData, calibrate
 from steerguard.export.data import Pair, default_pairs, load_pairs
+from steerguard.export.arch import processor_kwargs
 from steerguard.export.hidden import with_tokens
 from steerguard.runtime import GuardedModel, Sampling
 from steerguard.runtime.model import DecodeStep, KVCache
@@ -34,7 +35,8 @@ def ask(image, text: str = QUESTION) -> list:
 
 
 FAMILIES = {"llava_onevision": (tiny_llava_onevision, "<image>", 1),
-            "qwen2_vl": (tiny_qwen2_vl, QWEN2_VL_IMAGE, 4)}
+            "qwen2_vl": (tiny_qwen2_vl, QWEN2_VL_IMAGE, 4),
+            "chameleon": (tiny_chameleon, "<image>", 4)}
 
 
 class TinyMultimodal:
@@ -55,7 +57,17 @@ class TinyMultimodal:
     def hf_inputs(self, image_path, text: str = QUESTION) -> dict:
         proc = self.lm.processor
         rendered = proc.apply_chat_template(ask(None, text), add_generation_prompt=True, tokenize=False)
-        return dict(proc(text=rendered, images=[Image.open(image_path)], return_tensors="pt"))
+        return dict(proc(text=rendered, images=[Image.open(image_path)], return_tensors="pt",
+                         **processor_kwargs(proc)))
+
+    def hf_ids(self, inputs: dict) -> list[int]:
+        """The token ids the model reads: Chameleon's image placeholders become its VQ image tokens."""
+        ids = inputs["input_ids"][0].clone()
+        if self.kind == "chameleon":
+            with torch.no_grad():
+                tokens = self.lm.model.model.get_image_tokens(inputs["pixel_values"])
+            ids[ids == self.lm.model.config.image_token_id] = tokens[0].long()
+        return ids.tolist()
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -82,7 +94,7 @@ def test_chain_matches_transformers_with_an_image_on_prefill_and_16_decode_steps
     inputs = llava.hf_inputs(path)
     prompt = gm.prepare(ask(str(path)))
     ids = prompt.ids
-    assert ids == inputs["input_ids"][0].tolist()   # the same placeholder expansion as the processor's
+    assert ids == llava.hf_ids(inputs)   # the same placeholder expansion (and image tokens) as the processor's
     cont = list(range(7, 23))
     full = with_tokens(inputs, cont)
     with torch.no_grad():

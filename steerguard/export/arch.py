@@ -32,6 +32,7 @@ class Family:
     embed: str = "embed_tokens.weight"
     head: str = "lm_head.weight"
     qkv_bias: bool = False
+    qk_norm: bool = False      # per-head LayerNorm of queries and keys (Chameleon): self_attn.{q,k}_norm
 
 
 FAMILIES: dict[str, Family] = {
@@ -39,6 +40,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(),
     "qwen2": Family(qkv_bias=True),
     "qwen2_vl_text": Family(qkv_bias=True),
+    "chameleon": Family(qk_norm=True),
 }
 
 
@@ -53,12 +55,25 @@ class VisionFamily:
     text_base: str = "model.language_model."
     image_token_id: str = "image_token_id"
     max_images: int = 1
+    processor_kwargs: tuple = ()   # what the processor needs to build the prompt as the runtime does
 
 
 VISION_FAMILIES: dict[str, VisionFamily] = {
     "llava_onevision": VisionFamily("llava_onevision"),
     "qwen2_vl": VisionFamily("qwen2_vl", max_images=4),
+    # one model for text and images; images become discrete tokens of the text vocabulary
+    "chameleon": VisionFamily("chameleon", text_base="model.", max_images=4,
+                              processor_kwargs=(("return_for_text_completion", True),)),
 }
+
+
+def processor_kwargs(processor) -> dict:
+    """Call options a family's processor needs to build prompts as the runtime does."""
+    names = {c.__name__.lower() for c in type(processor).__mro__}
+    for kind, family in VISION_FAMILIES.items():
+        if f"{kind.replace('_', '')}processor" in names:
+            return dict(family.processor_kwargs)
+    return {}
 
 
 def text_config(config):
@@ -76,6 +91,10 @@ class LayerWeights:
     mlp_norm: np.ndarray
     gate_up: np.ndarray        # (d, 2 * ff): gate, up packed
     down: np.ndarray           # (ff, d)
+    q_norm: np.ndarray | None = None        # (heads, head_dim) gain of each query head's LayerNorm
+    q_norm_bias: np.ndarray | None = None
+    k_norm: np.ndarray | None = None        # (kv_heads, head_dim)
+    k_norm_bias: np.ndarray | None = None
 
 
 @dataclass
@@ -98,6 +117,8 @@ class DecoderSpec:
     layers: list[LayerWeights] = field(default_factory=list)
     # multimodal rotary (Qwen2-VL): the rotary tables become engine inputs the runtime fills per request
     mrope: dict | None = None    # {"section": [t, h, w] frequency counts, "inv_freq": [...]}
+    # tokens the model never writes (Chameleon's image tokens, which only images put in the prompt)
+    suppressed_tokens: list[int] = field(default_factory=list)
 
     @classmethod
     def from_model(cls, model, context: int | None = None) -> "DecoderSpec":
@@ -111,6 +132,9 @@ class DecoderSpec:
                                   f"(supported: {', '.join(sorted([*FAMILIES, *VISION_FAMILIES]))})")
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise SteerguardError(f"{arch}: hidden_act {cfg.hidden_act!r} is not supported (silu only)")
+        for flag in ("swin_norm", "mlp_bias", "attention_bias"):
+            if getattr(cfg, flag, False) and not (flag == "attention_bias" and FAMILIES[arch].qkv_bias):
+                raise SteerguardError(f"{arch}: {flag}=True is not supported for export yet")
         fam = FAMILIES[arch]
         base = vision.text_base if vision else "model."
         sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -141,10 +165,19 @@ class DecoderSpec:
                 attn_norm=w(p + fam.attn_norm), qkv=qkv.T.copy(), qkv_bias=bias, o=w(p + fam.o + ".weight").T.copy(),
                 mlp_norm=w(p + fam.mlp_norm),
                 gate_up=np.concatenate([w(p + fam.gate + ".weight"), w(p + fam.up + ".weight")]).T.copy(),
-                down=w(p + fam.down + ".weight").T.copy()))
+                down=w(p + fam.down + ".weight").T.copy(),
+                **({f"{n}{suffix}": w(f"{p}self_attn.{n}.{kind}") for n in ("q_norm", "k_norm")
+                    for suffix, kind in (("", "weight"), ("_bias", "bias"))} if fam.qk_norm else {})))
         head = sd.get(fam.head, w(fam.embed))
         return cls(architecture=model.config.model_type, num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
                    num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                    intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, rms_eps=float(cfg.rms_norm_eps),
                    context=context, cos=cos[0, :, :half].numpy().copy(), sin=sin[0, :, :half].numpy().copy(),
-                   embed=w(fam.embed), head=head.copy(), final_norm=w(fam.final_norm), layers=layers, mrope=mrope)
+                   embed=w(fam.embed), head=head.copy(), final_norm=w(fam.final_norm), layers=layers, mrope=mrope,
+                   suppressed_tokens=_suppressed_tokens(model))
+
+
+def _suppressed_tokens(model) -> list[int]:
+    """Chameleon writes text only: its image tokens get the lowest logit (ChameleonForConditionalGeneration)."""
+    mapping = getattr(model.get_decoder(), "vocabulary_mapping", None)
+    return sorted(int(t) for t in mapping.image_tokens) if mapping is not None else []

@@ -56,9 +56,11 @@ def image_inputs(processor, prompt, extra_ids: Sequence[int] = ()) -> dict:
             image = im.copy()
     except OSError as e:
         raise SteerguardError(f"{prompt.image}: cannot read this image ({e})") from None
+    from .arch import processor_kwargs
+
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = dict(processor(text=text, images=[image], return_tensors="pt"))
+    inputs = dict(processor(text=text, images=[image], return_tensors="pt", **processor_kwargs(processor)))
     return with_tokens(inputs, extra_ids)
 
 

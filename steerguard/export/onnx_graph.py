@@ -46,9 +46,16 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.scope = ""          # prefix of automatic node names (the prober's nodes: "prober/")
         self._n = 0
+        self._consts: dict[str, np.ndarray] = {}
 
     def const(self, name: str, value: np.ndarray) -> str:
+        """A named constant; asking again for a name already made returns it (shared shapes, ones, ...)."""
         value = np.asarray(value)   # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
+        if name in self._consts:
+            if not np.array_equal(self._consts[name], value):
+                raise ValueError(f"two different constants named {name!r}")
+            return name
+        self._consts[name] = value
         self.inits.append(numpy_helper.from_array(value if value.flags.c_contiguous else value.copy(), name))
         return name
 
@@ -165,6 +172,8 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
         qkv = g.one("MatMul", [normed, g.const(p + "qkv", L.qkv)], name=p + "qkv")
         if L.qkv_bias is not None:
             qkv = g.one("Add", [qkv, g.const(p + "qkv_bias", L.qkv_bias)])
+        if L.q_norm is not None:
+            qkv = _head_norms(g, qkv, L, spec, p)
         pk, pv = past_names(i)
         g.input(pk, f32, kv_shape)
         g.input(pv, f32, kv_shape)
@@ -196,6 +205,23 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
     return g.model()
 
 
+def _head_norms(g: "Graph", qkv: str, L, spec: DecoderSpec, p: str) -> str:
+    """Chameleon's query/key norms: LayerNorm over each head's vector, then that head's own gain and bias."""
+    hd, heads, kv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+    q, k, v = g.op("Split", [qkv, g.const(p + "qkv_sizes", np.array([heads * hd, kv * hd, kv * hd], np.int64))],
+                   n_out=3, axis=-1)
+    ones, zeros = g.const("head_norm_one", np.ones(hd, np.float32)), g.const("head_norm_zero", np.zeros(hd, np.float32))
+
+    def norm(x: str, n: int, w: np.ndarray, b: np.ndarray, name: str) -> str:
+        per_head = g.one("Reshape", [x, g.const(f"heads{n}", np.array([0, 0, n, hd], np.int64))])
+        normed = g.one("LayerNormalization", [per_head, ones, zeros], axis=-1, epsilon=1e-5)
+        scaled = g.one("Add", [g.one("Mul", [normed, g.const(p + name + "_w", w)]), g.const(p + name + "_b", b)])
+        return g.one("Reshape", [scaled, g.const(f"flat{n}", np.array([0, 0, n * hd], np.int64))])
+
+    return g.one("Concat", [norm(q, heads, L.q_norm, L.q_norm_bias, "q_norm"),
+                            norm(k, kv, L.k_norm, L.k_norm_bias, "k_norm"), v], axis=-1)
+
+
 def embed_engine(spec: DecoderSpec) -> onnx.ModelProto:
     g = Graph("embed")
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence_length"])
@@ -208,7 +234,13 @@ def head_engine(spec: DecoderSpec) -> onnx.ModelProto:
     """The LM head with its own constant (d, V) weight, even when tied: quantizers need a constant MatMul weight."""
     g = Graph("head")
     h = g.input("hidden", TensorProto.FLOAT, ["batch", spec.hidden_size])
-    g.op("MatMul", [h, g.const("lm_head", spec.head.T)], outputs=["logits"], name="lm_head")
+    if spec.suppressed_tokens:   # a logit of float32's lowest value: adding it leaves exactly that value
+        floor = np.zeros(spec.vocab_size, np.float32)
+        floor[spec.suppressed_tokens] = np.finfo(np.float32).min
+        raw = g.one("MatMul", [h, g.const("lm_head", spec.head.T)], name="lm_head")
+        g.op("Add", [raw, g.const("suppressed", floor)], outputs=["logits"], name="suppress")
+    else:
+        g.op("MatMul", [h, g.const("lm_head", spec.head.T)], outputs=["logits"], name="lm_head")
     g.output("logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
     return g.model()
 

@@ -101,7 +101,37 @@ class _Qwen2VLTower:
     inputs, outputs = ["pixel_values", "patch_positions"], ["image_features"]
 
 
-TOWERS = {"llava_onevision": _LlavaOnevisionTower, "qwen2_vl": _Qwen2VLTower}
+class _ChameleonTokenizer:
+    """pixel_values (1, 3, H, W) -> image_token_ids (1, n): the VQ encoder's codebook indices mapped to the
+    text vocabulary's image tokens, which the embedding engine then embeds like any other token."""
+
+    @staticmethod
+    def module(model):
+        import torch
+
+        class Tokenizer(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.vq = m.model.vqmodel
+                self.register_buffer("to_vocab", m.model.vocabulary_mapping.img2bpe_mapping_tensor.clone())
+
+            def forward(self, pixel_values):
+                codes = self.vq.encode(pixel_values, return_dict=True).image_tokens
+                return self.to_vocab[codes].reshape(pixel_values.shape[0], -1)
+
+        return Tokenizer(model)
+
+    @staticmethod
+    def example(model):
+        import torch
+
+        res = model.config.vq_config.resolution
+        return torch.zeros(1, 3, res, res)
+
+    inputs, outputs = ["pixel_values"], ["image_token_ids"]
+
+
+TOWERS = {"llava_onevision": _LlavaOnevisionTower, "qwen2_vl": _Qwen2VLTower, "chameleon": _ChameleonTokenizer}
 
 
 def vision_engine(model) -> onnx.ModelProto:
@@ -147,10 +177,17 @@ def vision_manifest(model, processor) -> dict:
     images = import_module(f"steerguard.runtime.images.{family.kind}")
     token_id = getattr(model.config, family.image_token_id)
     extra = {}
+    if family.kind == "chameleon":   # each image's tokens sit between a start and an end sentinel
+        from steerguard.runtime.images.chameleon import image_prompt_tokens
+
+        start, _, end = image_prompt_tokens(images.processor_config(processor, model.config))
+        extra = {"image_start_token_id": int(processor.tokenizer.convert_tokens_to_ids(start)),
+                 "image_end_token_id": int(processor.tokenizer.convert_tokens_to_ids(end))}
     if family.kind == "qwen2_vl":
         extra = {"vision_start_token_id": int(model.config.vision_start_token_id),
                  "spatial_merge_size": int(model.config.vision_config.spatial_merge_size)}
     return {"kind": family.kind, "engine": "vision", "image_token_id": int(token_id),
             "max_images": family.max_images, **extra,
             "image_token": processor.tokenizer.convert_ids_to_tokens(int(token_id)),
-            "preprocess": images.processor_config(processor.image_processor, model.config)}
+            "preprocess": images.processor_config(processor if family.kind == "chameleon" else processor.image_processor,
+                                                  model.config)}

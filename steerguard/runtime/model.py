@@ -172,11 +172,18 @@ class GuardedModel:
             raise SteerguardError(f"{len(images)} images given; this bundle's model ({self.manifest.model['name']}) "
                                   f"takes at most {self.vision.max_images} per request")
         pixels = [self.vision.prepare(im) for im in images]   # every image is read before anything runs
-        ids = self.vision.expand(self.tokenizer.encode_chat(_without_pixels(messages)), pixels)
+        ids = self.vision.expand(self.tokenizer.encode_chat(
+            _without_pixels(messages, self.vision.spec.get("placeholder_text"))), pixels)
         if len(ids) >= self.context:
             raise SteerguardError(f"{len(images)} image(s) and the text take {len(ids)} tokens, more than the "
                                   f"model's context of {self.context}: send fewer or smaller images")
-        prompt = Prompt(ids, np.concatenate([self.vision.embed(p) for p in pixels]))
+        filled = np.concatenate([self.vision.embed(p) for p in pixels])
+        if filled.dtype == np.int64:   # image tokens of the text vocabulary: they replace the placeholders
+            ids = np.asarray(ids)
+            ids[ids == self.vision.image_token_id] = filled
+            prompt = Prompt(ids.tolist())
+        else:
+            prompt = Prompt(ids, filled)
         if self.mrope is not None:
             prompt.positions, prompt.position_delta = self.vision.positions(ids, pixels)
         return prompt
@@ -453,10 +460,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
-def _without_pixels(messages: list) -> list:
-    """The messages with each image part reduced to {"type": "image"}, which is all a template renders."""
-    return [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
-            if isinstance(m.get("content"), list) else m for m in messages]
+def _without_pixels(messages: list, placeholder_text: str | None = None) -> list:
+    """The messages with each image part reduced to {"type": "image"}, which is all a template renders;
+    with `placeholder_text` (a text-only template), content lists become text with it in each image's place."""
+    def content(parts: list):
+        if placeholder_text is not None:
+            return "".join(placeholder_text if p.get("type") == "image" else p["text"] for p in parts)
+        return [{"type": "image"} if p.get("type") == "image" else p for p in parts]
+
+    return [{**m, "content": content(m["content"])} if isinstance(m.get("content"), list) else m for m in messages]
 
 
 def _one(manifest: Manifest, role: str) -> dict:

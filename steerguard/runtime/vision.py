@@ -32,13 +32,14 @@ class VisionEncoder:
         return self.images.preprocess(image, self.config)
 
     def embed(self, pixels: Pixels) -> np.ndarray:
-        """Run the vision engine on one preprocessed image: its rows (num_image_tokens, d) for the prompt."""
+        """Run the vision engine on one preprocessed image: what fills its placeholders in the prompt, rows
+        (num_image_tokens, d) of embeddings, or (num_image_tokens,) token ids (Chameleon's VQ tokens)."""
         outputs = self.engine.run(self.feeds(pixels, self.spec))
         rows = self.pack(outputs, pixels, self.config)
         if len(rows) != pixels.num_image_tokens:
             raise SteerguardError(f"the vision engine gave {len(rows)} image embeddings where the preprocessing "
                                   f"expects {pixels.num_image_tokens}; the bundle is inconsistent, re-export it")
-        return rows.astype(np.float32)
+        return rows if rows.dtype == np.int64 else rows.astype(np.float32)
 
     def expand(self, ids: list[int], images: list[Pixels]) -> list[int]:
         """`ids` with each image placeholder repeated once per embedding row of its image."""
@@ -46,9 +47,11 @@ class VisionEncoder:
         if len(slots) != len(images):
             raise SteerguardError(f"the prompt has {len(slots)} image placeholder(s) for {len(images)} image(s); "
                                   "give one image per image part of the messages, and no placeholder in the text")
+        opening = [self.spec["image_start_token_id"]] if "image_start_token_id" in self.spec else []
+        closing = [self.spec["image_end_token_id"]] if "image_end_token_id" in self.spec else []
         out, start = [], 0
         for slot, image in zip(slots, images):
-            out += ids[start:slot] + [self.image_token_id] * image.num_image_tokens
+            out += ids[start:slot] + opening + [self.image_token_id] * image.num_image_tokens + closing
             start = slot + 1
         return out + ids[start:]
 
@@ -76,6 +79,8 @@ def qwen2_vl_patch_positions(grid_thw, merge: int) -> np.ndarray:
 
 FEEDS = {
     "llava_onevision": lambda pixels, spec: {"pixel_values": pixels.pixel_values},
+    "chameleon": lambda pixels, spec: {"pixel_values": pixels.pixel_values},
+    "vit_patches": lambda pixels, spec: {"pixel_values": pixels.pixel_values},
     "qwen2_vl": lambda pixels, spec: {"pixel_values": pixels.pixel_values, "patch_positions": qwen2_vl_patch_positions(
         pixels.extra["image_grid_thw"], spec["spatial_merge_size"])},
 }
@@ -143,4 +148,6 @@ def resize_bilinear(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 PACKERS = {"llava_onevision": pack_llava_onevision,
-           "qwen2_vl": lambda outputs, pixels, config: outputs["image_features"]}
+           "qwen2_vl": lambda outputs, pixels, config: outputs["image_features"],
+           "chameleon": lambda outputs, pixels, config: outputs["image_token_ids"][0].astype(np.int64),
+           "vit_patches": lambda outputs, pixels, config: outputs["image_features"][0]}
