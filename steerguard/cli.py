@@ -91,6 +91,12 @@ def _torch_threads() -> None:
 @click.option("--benign-col", default="benign", show_default=True, help="Column of the benign counterpart.")
 @click.option("--refusal-col", default="refusal", show_default=True, help="Column of the refusal target.")
 @click.option("--caption-col", default=None, help="Optional column with an image caption to prepend.")
+@click.option("--image-col", default=None,
+              help="Column with an image file per pair (multimodal models): both requests are asked about it.")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None,
+              help="Folder the image paths are relative to (default: the pairs file's folder).")
+@click.option("--caption-for-missing-image", is_flag=True,
+              help="A row whose image file is missing uses its --caption-col text instead (default: an error).")
 @click.option("--vlsafe", type=click.Path(path_type=Path), default=None,
               help="A VLSafe folder to use as pairs (alignment + convert_safe files).")
 @click.option("--harmful", "harmful_files", multiple=True, help="Extra harmful prompts FILE[:COLUMN]. Repeatable.")
@@ -103,9 +109,9 @@ def _torch_threads() -> None:
 @click.option("--refusal-targets", type=int, default=300, show_default=True)
 @click.option("--refusal-epochs", type=int, default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, vlsafe,
-              harmful_files, benign_files, no_defaults, layer, feature, max_per_source, refusal_targets,
-              refusal_epochs, seed):
+def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, image_col, image_root,
+              caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
+              max_per_source, refusal_targets, refusal_epochs, seed):
     """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
     local HF cache, or 'demo' (SmolLM2-135M-Instruct, fetched once into ~/.cache/steerguard).
 
@@ -120,7 +126,8 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     if pairs_files:
         data.pairs = []  # the user's pairs replace the shipped ones; shipped benign extras stay
     for f in pairs_files:
-        data.pairs += load_pairs(f, harmful_col, benign_col, refusal_col, caption_col)
+        data.pairs += load_pairs(f, harmful_col, benign_col, refusal_col, caption_col, image=image_col,
+                                 image_root=image_root, caption_for_missing_image=caption_for_missing_image)
     if vlsafe:
         data.pairs += load_vlsafe(vlsafe)
     data.extra += [_prompt_set(spec, 1) for spec in harmful_files] + [_prompt_set(spec, 0) for spec in benign_files]

@@ -189,6 +189,10 @@ def inspect(bundle, no_verify):
             click.echo(f"  {layer:>3} {score:7.3f} {bar}{mark}")
     else:
         click.echo("guard    none (unguarded bundle)")
+    v = m.data.get("vision")
+    if v:
+        click.echo(f"vision   {v['kind']}: images fill {v['image_token']!r} placeholders, at most {v.get('max_images', 1)} "
+                   f"per request; preprocessing {json.dumps(v['preprocess'])[:120]}...")
     click.echo("engines")
     for e in m.engines:
         size = sum(m.path(f).stat().st_size for f in [e["file"], *e.get("data_files", [])])

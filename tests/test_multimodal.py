@@ -173,3 +173,32 @@ def test_an_image_for_a_text_only_bundle_is_refused(tiny_export, llava):
     text_only = GuardedModel.load(tiny_export.bundle)
     with pytest.raises(SteerguardError, match="reads text only"):
         text_only.generate(ask(str(llava.wide)), Sampling(max_new_tokens=2))
+
+
+def test_calibrate_export_and_run_a_multimodal_folder_from_the_command_line(tmp_path):
+    """The user's path: a saved model folder, a pairs file with an image column, three commands."""
+    pairs = [p for p in default_pairs() if p.source.startswith("contrast")][:24]
+    lm = tiny_qwen2_vl([t for p in pairs for t in (p.harmful, p.benign, p.refusal)] + [QUESTION])
+    folder = tmp_path / "model"
+    lm.model.save_pretrained(folder)
+    lm.processor.image_processor.save_pretrained(folder)   # (the processor itself will not save without
+    lm.tokenizer.save_pretrained(folder)                   # a video processor, which needs torchvision)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    (tmp_path / "img").mkdir()
+    rows = [{"harmful": p.harmful, "benign": p.benign, "refusal": p.refusal,
+             "image": picture(tmp_path / "img" / f"{k}.png", 40 + k, 70, k).name} for k, p in enumerate(pairs)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = CliRunner().invoke
+    r = run(main, ["calibrate", str(folder), "-o", str(tmp_path / "guard"), "--pairs", str(data), "--image-col", "image",
+                   "--image-root", str(tmp_path / "img"), "--no-defaults", "--refusal-targets", "8",
+                   "--refusal-epochs", "1"])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["export", str(folder), "--guard", str(tmp_path / "guard"), "-o", str(tmp_path / "bundle")])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["run", str(tmp_path / "bundle"), "-p", QUESTION, "--image", str(tmp_path / "img" / "0.png"),
+                   "--json", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["risk"] is not None
+    r = run(main, ["run", str(tmp_path / "bundle"), "-p", QUESTION, "--image", str(tmp_path / "nothing.png")])
+    assert r.exit_code != 0 and "no such image file" in r.output and "Traceback" not in r.output

@@ -25,7 +25,8 @@ def test_pre_engine_risk_is_nan_when_the_state_is_not_finite(tiny_export, tmp_pa
     sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
     x = np.random.default_rng(0).normal(size=(1, 3, spec.hidden_size)).astype(np.float32)
-    feeds = {"attention_mask": np.ones((1, 3), np.int64), "past_key_values.0.key": empty,
+    feeds = {"seqlens_k": np.array([2], np.int32), "total_sequence_length": np.array(3, np.int32),
+             "past_key_values.0.key": empty,
              "past_key_values.0.value": empty}
     [ok] = sess.run(["risk"], {**feeds, "inputs_embeds": x})
     x[0, 2, 5] = np.nan

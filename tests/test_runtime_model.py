@@ -147,3 +147,17 @@ def test_non_finite_risk_fires(gm):
 def test_bad_requests_are_clear_errors(gm, prompt, sampling, message):
     with pytest.raises(SteerguardError, match=message):
         gm.generate(prompt, sampling)
+
+
+def test_a_bundle_from_before_the_length_inputs_is_refused_with_a_clear_line(tiny_export, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    bundle = shutil.copytree(tiny_export.bundle, tmp_path / "old")
+    pre = onnx.load(bundle / "engines" / "pre.onnx")
+    pre.graph.input.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]))
+    onnx.save(pre, bundle / "engines" / "pre.onnx")
+    with pytest.raises(SteerguardError, match="exported by an older steerguard .* export it again"):
+        GuardedModel.load(bundle, verify=False)

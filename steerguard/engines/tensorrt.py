@@ -29,6 +29,8 @@ def _shapes(e: dict, m: dict, batch: int, seq: int, past: int) -> dict[str, tupl
             shapes[name] = (batch, seq, d)
         elif name == "attention_mask":
             shapes[name] = (batch, past + seq)
+        elif name == "seqlens_k":
+            shapes[name] = (batch,)
         elif name.startswith("past_key_values."):
             shapes[name] = (batch, kv, past, hd)
         elif name == "hidden":

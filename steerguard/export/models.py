@@ -161,7 +161,10 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
         if _is_multimodal(folder):
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            try:
+                processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            except ImportError:   # its video processor needs torchvision; images do not
+                processor = _image_processor_only(folder)
             tokenizer = processor.tokenizer
             if getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
                 tokenizer.chat_template = processor.chat_template
@@ -176,6 +179,32 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     lm = _finish(model.eval(), tokenizer, spec, name, _weights_sha256(Path(folder)))
     lm.processor = processor
     return lm
+
+
+def _image_processor_only(folder: Path):
+    """The model's processor without its video processor (which needs torchvision, often missing beside a
+    CPU torch): the image processor and tokenizer are all steerguard uses."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    name = json.loads((Path(folder) / "processor_config.json").read_text()).get("processor_class") \
+        if (Path(folder) / "processor_config.json").exists() else None
+    base = processor_class_from_name(name) if name else None
+    if base is None:
+        raise SteerguardError(f"{folder}: cannot build the {config.get('model_type')} processor "
+                              "(install torchvision, or add processor_config.json)")
+
+    class ImageOnly(base):
+        def check_argument_for_proper_class(self, argument, value):
+            if argument != "video_processor":
+                return super().check_argument_for_proper_class(argument, value)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    template = Path(folder) / "chat_template.jinja"
+    return ImageOnly(image_processor=AutoImageProcessor.from_pretrained(folder, local_files_only=True),
+                     tokenizer=tokenizer, video_processor=None,
+                     chat_template=template.read_text() if template.exists() else tokenizer.chat_template)
 
 
 def _is_multimodal(folder: Path) -> bool:

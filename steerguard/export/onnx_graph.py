@@ -6,8 +6,10 @@ place when the runtime binds `past_key_values.{i}` and `present.{i}` to one buff
 also computes the prober on the last token of its output, so the guard costs one tiny MLP per request.
 
     embed   input_ids (B, S) int64                               -> inputs_embeds (B, S, d)
-    pre     inputs_embeds, attention_mask (B, T), past [0, l*)   -> hidden_states (B, S, d), risk (B,), present
-    post    hidden_states, attention_mask, past [l*, N)          -> last_hidden_state (B, S, d) (final norm), present
+    pre     inputs_embeds, seqlens_k (B,), total_sequence_length, past [0, l*)
+                                                                 -> hidden_states (B, S, d), risk (B,), present
+    post    hidden_states, seqlens_k, total_sequence_length, past [l*, N)
+                                                                 -> last_hidden_state (B, S, d) (final norm), present
     head    hidden (B, d)                                        -> logits (B, V)
     refusal hidden (B, d)                                        -> hidden (B, d) @ R
 """
@@ -145,12 +147,10 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
     f32, d = TensorProto.FLOAT, spec.hidden_size
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
     x = g.input("inputs_embeds" if first == 0 else "hidden_states", f32, ["batch", "sequence_length", d])
-    mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"])
-    seqlens = g.one("Cast", [g.one("Sub", [g.one("ReduceSum", [mask, g.const("axis1", np.array([1], np.int64))],
-                                                 keepdims=0), g.const("one", np.array(1, np.int64))])],
-                    to=TensorProto.INT32)
-    total = g.one("Cast", [g.one("Gather", [g.one("Shape", [mask]), g.const("index1", np.array(1, np.int64))])],
-                  to=TensorProto.INT32)
+    # the attention's own length inputs, straight from the runtime (which knows them): deriving them from
+    # an attention mask costs six small operators per engine per token
+    seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])                 # each row's length - 1
+    total = g.input("total_sequence_length", TensorProto.INT32, [])             # the KV buffer's width
     if spec.mrope:   # per-request tables: row i rotates the token at sequence index i (3-D positions)
         half = spec.head_dim // 2
         cos = g.input("rotary_cos", f32, ["rotary_positions", half])

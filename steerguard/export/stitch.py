@@ -67,10 +67,7 @@ def _encoder_to_features(encoder: Path, features: str, w: np.ndarray, b: np.ndar
     if len(model.graph.input) != 1:
         raise SteerguardError(f"{encoder}: the encoder must take one image tensor")
     pixels = model.graph.input[0].name
-    try:
-        cut = onnx.utils.Extractor(model).extract_model([pixels], [features])
-    except Exception as e:  # onnx raises several types for a name that is not in the graph
-        raise SteerguardError(f"{encoder}: no tensor {features!r} to take the image features from ({e})") from e
+    cut = _up_to(model, features)
     g = cut.graph
     g.initializer.extend([numpy_helper.from_array(w.astype(np.float32), "projector"),
                           numpy_helper.from_array(np.array([skip], np.int64), "skip_start"),
@@ -91,6 +88,23 @@ def _encoder_to_features(encoder: Path, features: str, w: np.ndarray, b: np.ndar
     return cut
 
 
+def _up_to(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """The part of `model` that computes `tensor` (its nodes and constants only)."""
+    needed, kept = {tensor}, []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:   # subgraphs (If/Loop) read outer names too
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    needed.update(i for n in sub.node for i in n.input if i)
+    if not kept:
+        raise SteerguardError(f"the encoder computes no tensor named {tensor!r}")
+    graph = helper.make_graph(list(reversed(kept)), model.graph.name, list(model.graph.input), [],
+                              [t for t in model.graph.initializer if t.name in needed])
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
 def _static_tokens(model: onnx.ModelProto) -> int:
     """Patches per image, from the encoder's fixed input size (one run of shape inference)."""
     import onnxruntime as ort
@@ -98,7 +112,9 @@ def _static_tokens(model: onnx.ModelProto) -> int:
     dims = [x.dim_value for x in model.graph.input[0].type.tensor_type.shape.dim]
     if not all(dims[1:]):
         raise SteerguardError("the encoder's input must have a fixed channels x height x width")
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    from ..engines import session_options
+
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     return int(session.run(None, {"pixel_values": np.zeros([1, *dims[1:]], np.float32)})[0].shape[1])
 
 

@@ -97,6 +97,9 @@ class GuardedModel:
         # prefills the layers before the split at int8 (what the prober reads) and decodes them at int4
         self.decoders = [(load(e), range(*e["layers"])) for e in manifest.engine("decoder", "prefill")]
         self.step_decoders = [(load(e), range(*e["layers"])) for e in manifest.engine("decoder", "decode")]
+        if any("attention_mask" in e.input_names for e, _ in self.decoders + self.step_decoders):
+            raise SteerguardError(f"{manifest.root} was exported by an older steerguard (its engines take an "
+                                  "attention mask); export it again")
         for phase, chain in (("prefill", self.decoders), ("decode", self.step_decoders)):
             if [i for _, layers in chain for i in layers] != list(range(self.num_layers)):
                 raise SteerguardError(f"{manifest.root}: the {phase} engines do not cover layers 0-{self.num_layers - 1} "
@@ -219,12 +222,12 @@ class GuardedModel:
             x[0, np.asarray(ids) == self.vision.image_token_id] = prompt.image_rows
         rotary = self.rotary_tables(prompt, cache.max_len)
         cache.lengths[row] = len(ids)
-        mask = np.ones((1, len(ids)), np.int64)
+        lengths = Lengths(np.array([len(ids)]), len(ids))
         risk = None
         for engine, layers in decoders or self.decoders:
             b = engine.binding()
             b.bind_cpu_input(engine.input_names[0], x)
-            b.bind_cpu_input("attention_mask", mask)
+            lengths.bind(b)
             if rotary is not None:
                 b.bind_cpu_input("rotary_cos", rotary[0])
                 b.bind_cpu_input("rotary_sin", rotary[1])
@@ -248,7 +251,7 @@ class GuardedModel:
         """Append `tokens` (B,) to every row; return the final hidden states (B, d)."""
         cache.lengths += 1
         step.ids[:, 0] = tokens
-        step.mask[np.arange(len(tokens)), cache.lengths - 1] = 1
+        step.lengths.advance(cache.lengths)
         self.embed.run_binding(step.embed_binding)
         for (engine, _), b in zip(self.step_decoders, step.bindings):
             engine.run_binding(b)
@@ -376,17 +379,32 @@ class GuardedModel:
         return Stream(self, request, sampling)
 
 
+class Lengths:
+    """The attention's length inputs, bound to every decoder engine of a run and updated in place: each
+    row's length - 1, and the width of the KV buffer (attention over the shared buffer reads each row's
+    own length)."""
+
+    def __init__(self, lengths: np.ndarray, width: int):
+        self.seqlens = (np.asarray(lengths) - 1).astype(np.int32)
+        self.total = np.array(width, np.int32)
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        binding.bind_cpu_input("seqlens_k", self.seqlens)
+        binding.bind_cpu_input("total_sequence_length", self.total)
+
+    def advance(self, lengths: np.ndarray) -> None:
+        self.seqlens[:] = lengths - 1
+
+
 class DecodeStep:
     """The I/O bindings of one decode step, made once per request and never rebound: token ids,
-    activations and the attention mask live in preallocated arrays. The mask is as wide as the cache
-    (ones up to each row's length): the engines read only its row sums and width, and attention
-    with the shared KV buffer reads each row's length, so one mask serves every step."""
+    activations and the attention's lengths live in preallocated arrays updated in place."""
 
     def __init__(self, model: GuardedModel, cache: KVCache, batch: int,
                  rotary: tuple[np.ndarray, np.ndarray] | None = None):
         d = model.hidden_size
         self.ids = np.zeros((batch, 1), np.int64)
-        self.mask = (np.arange(cache.max_len)[None, :] < cache.lengths[:, None]).astype(np.int64)
+        self.lengths = Lengths(cache.lengths, cache.max_len)
         x = np.zeros((batch, 1, d), np.float32)
         self.embed_binding = model.embed.binding()
         self.embed_binding.bind_cpu_input("input_ids", self.ids)
@@ -396,7 +414,7 @@ class DecodeStep:
         for engine, layers in model.step_decoders:
             b = engine.binding()
             b.bind_ortvalue_input(engine.input_names[0], ort.OrtValue.ortvalue_from_numpy(x))
-            b.bind_cpu_input("attention_mask", self.mask)
+            self.lengths.bind(b)
             if rotary is not None:
                 b.bind_cpu_input("rotary_cos", rotary[0])
                 b.bind_cpu_input("rotary_sin", rotary[1])
