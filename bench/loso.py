@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="prober layer (default: argmax SAS on the pairs)")
     ap.add_argument("--per-source", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pair-subspace", type=int, default=None,
+                    help="confine the prober to the top-K pair-difference directions (CalibrationConfig.pair_subspace)")
     ap.add_argument("--out", type=Path, default=Path("docs/loso.json"))
     args = ap.parse_args()
     import torch
@@ -85,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     lm = load_model("demo")
-    cfg = CalibrationConfig(layer=args.layer, seed=args.seed)
+    cfg = CalibrationConfig(layer=args.layer, seed=args.seed, pair_subspace=args.pair_subspace)
     rng = random.Random(args.seed + 2)
 
     table = CalibrationTable.build(CalibrationData.default(), cfg)
@@ -105,13 +107,17 @@ def main() -> None:
     def train(exclude: str | None):
         keep = table.sources != belongs.get(exclude, "")
         f, y, src, val = [base[keep]], [table.labels[keep]], [table.sources[keep]], [table.val[keep]]
+        # the pairs spanning the prober's subspace: training pairs whose both sides stay
+        both = keep[0:pair_rows:2] & keep[1:pair_rows:2] & ~table.val[0:pair_rows:2]
+        pairs = (base[0:pair_rows:2][both], base[1:pair_rows:2][both])
         for k, v in feats.items():
             if k != exclude:
                 f.append(v)
                 y.append(np.full(len(v), labels[k]))
                 src.append(np.array([k] * len(v)))
                 val.append(np.array([rng.random() < cfg.val_fraction for _ in range(len(v))]))
-        return fit_prober(np.concatenate(f), np.concatenate(y), np.concatenate(src), np.concatenate(val), layer, cfg)
+        return fit_prober(np.concatenate(f), np.concatenate(y), np.concatenate(src), np.concatenate(val), layer, cfg,
+                          pairs=pairs)
 
     rows, pooled_r, pooled_y = [], [], []
     for s in sets:
@@ -132,6 +138,7 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or ''}"
               f" {__import__('os').cpu_count()} cores", "model": lm.name, "layer": layer,
               "sas_best_layer": sas.best_layer, "sas_max": max(sas.scores), "feature": cfg.feature,
+              "pair_subspace": cfg.pair_subspace,
               "per_source": args.per_source, "loso": rows, "pooled_auroc": pooled_auroc,
               "final_guard": {"tau": final.tau, "never_calibrated_fire_rate": never},
               "seconds": round(time.time() - t0, 1)}
@@ -141,7 +148,8 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"LOSO on {r['model']}, prober on layer {r['layer']} ({r['feature']} token), "
+    space = f", confined to {r['pair_subspace'] + 1} pair-difference directions" if r.get("pair_subspace") else ""
+    lines = [f"LOSO on {r['model']}, prober on layer {r['layer']} ({r['feature']} token{space}), "
              f"{r['per_source']} prompts per source, {r['date']}, {r['machine']}", "",
              "| held-out source | kind | n | guard fires | target | met |", "|---|---|---|---|---|---|"]
     for x in r["loso"]:

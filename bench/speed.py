@@ -165,7 +165,8 @@ def main() -> None:
     add(GUARDED, g_runs)
     add(UNSPLIT, u_runs)
     add("steerguard guarded chain, refusal head path", ours(bundles["guarded"], a, refusal=True))
-    add(GENAI, peer("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file, a))
+    genai_fp32 = ("genai", PEERS / "genai/bin/python", "genai_peer.py", ids_file)
+    add(GENAI, peer(*genai_fp32, a))
     add("optimum ORTModelForCausalLM fp32", peer("optimum", PEERS / "optimum/bin/python", "optimum_peer.py",
                                                 ids_file, a))
     add("transformers eager (sdpa) fp32", peer("hf", Path(sys.executable), "hf_peer.py", ids_file, a))
@@ -183,6 +184,8 @@ def main() -> None:
     ratios["first token guarded / unsplit (median of adjacent pairs)"] = ratio["ttft"]
     ratios[f"decode int4 / onnxruntime-genai int4 (median of {a.peer_pairs} alternating process pairs)"] = \
         paired_with_peer(bundles["int4"], genai_int4, a)
+    ratios[f"decode guarded fp32 / onnxruntime-genai fp32 (median of {a.peer_pairs} alternating process pairs)"] = \
+        paired_with_peer(bundles["guarded"], genai_fp32, a)
     for label, mine, other, key in [("decode guarded / onnxruntime-genai fp32", GUARDED, GENAI, "decode_tok_s"),
                                     ("decode int8 / fp32 (guarded)", INT8, GUARDED, "decode_tok_s"),
                                     ("decode int4 / fp32 (guarded)", INT4, GUARDED, "decode_tok_s"),
@@ -202,7 +205,9 @@ def main() -> None:
              f"{len(ids)}-token prompt (same ids for every runner), {a.new_tokens} new tokens, greedy, batch 1, "
              f"{a.threads} threads, median of {a.runs} runs after 1 warm-up (steerguard's guarded and unsplit "
              f"bundles: {a.pairs} alternating runs in one process; their ratio is the median of adjacent pairs, "
-             "since this machine's speed drifts by up to 30% between phases tens of seconds long). "
+             "since this machine's speed drifts by up to 30% between phases tens of seconds long; likewise "
+             "steerguard against onnxruntime-genai: alternating single runs in fresh processes, the median of "
+             "the pairs' ratios — the table's rows, minutes apart, are not comparable to a few percent). "
              f"Copy bandwidth {copy:.1f} GB/s; "
              f"fp32 reads {weights / 1e6:.0f} MB of weights per token, so its floor is {copy * 1e9 / weights:.0f} "
              "tok/s. Achieved bandwidth = the weight bytes a bundle reads per token x tokens/s (it can exceed the "

@@ -14,7 +14,7 @@ from .augment import augment_pairs
 from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
 from .guard import Guard
 from .hidden import extract_hidden_states
-from .prober import Prober, auroc
+from .prober import Prober, auroc, pair_subspace
 from .refusal import RefusalHead
 from .sas import MIN_PAIRS, SASResult
 
@@ -59,6 +59,7 @@ class CalibrationConfig:
     eps: float = 0.1
     seed: int = 0
     batch_size: int = 16
+    pair_subspace: int | None = None    # k: the prober reads only the pairs' top-k difference directions
 
 
 def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
@@ -84,7 +85,9 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
 
     t = time.perf_counter()
     feats = hs.feature(cfg.feature, layer)
-    prober = fit_prober(feats, labels, sources, val, layer, cfg)
+    n = 2 * len(pairs)
+    prober = fit_prober(feats, labels, sources, val, layer, cfg,
+                        pairs=(feats[0:n:2][pair_train], feats[1:n:2][pair_train]))
     timings["prober_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -142,10 +145,14 @@ class CalibrationTable:
 
 
 def fit_prober(feats: np.ndarray, labels: np.ndarray, sources: np.ndarray, val: np.ndarray, layer: int,
-               cfg: CalibrationConfig) -> Prober:
-    """Train on the rows outside `val` (sources weighted equally), pick tau on `val`, record metrics."""
+               cfg: CalibrationConfig, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> Prober:
+    """Train on the rows outside `val` (sources weighted equally), pick tau on `val`, record metrics.
+    `pairs` (harmful, benign features of the training pairs) span the prober's subspace when
+    `cfg.pair_subspace` asks for one."""
+    subspace = pair_subspace(*pairs, cfg.pair_subspace) if cfg.pair_subspace and pairs is not None else None
     prober = Prober.train(feats[~val], labels[~val], layer, cfg.feature,
-                          weights=source_balanced_weights(labels[~val], sources[~val]), seed=cfg.seed)
+                          weights=source_balanced_weights(labels[~val], sources[~val]), seed=cfg.seed,
+                          subspace=subspace)
     risk = prober.risk(feats[val])
     prober.tau = calibrate_tau(risk, labels[val], cfg.max_fpr)
     prober.metrics = prober_metrics(risk, labels[val], sources[val], prober.tau)

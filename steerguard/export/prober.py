@@ -41,8 +41,11 @@ class Prober:
     @classmethod
     def train(cls, x: np.ndarray, y: np.ndarray, layer: int, feature: str = "last",
               weights: np.ndarray | None = None, hidden: int = 64, epochs: int = 300,
-              lr: float = 3e-3, weight_decay: float = 1e-2, seed: int = 0) -> "Prober":
-        """Full-batch AdamW on (weighted) cross-entropy. Deterministic for a given seed."""
+              lr: float = 3e-3, weight_decay: float = 1e-2, seed: int = 0,
+              subspace: np.ndarray | None = None) -> "Prober":
+        """Full-batch AdamW on (weighted) cross-entropy. Deterministic for a given seed. With `subspace`
+        (k, d orthonormal rows, see `pair_subspace`) the MLP reads only the features' coordinates in it;
+        the projection is folded into the first layer, so the exported prober keeps its d -> hidden shape."""
         import torch
 
         if feature not in FEATURES:
@@ -50,6 +53,9 @@ class Prober:
         if len(np.unique(y)) < 2:
             raise SteerguardError("the prober needs both harmful and benign examples")
         x = x.astype(np.float64)
+        centre = x.mean(0)
+        basis = np.eye(x.shape[1]) if subspace is None else np.asarray(subspace, np.float64)
+        x = (x - centre) @ basis.T
         mu, sd = x.mean(0), x.std(0) + 1e-6
         g = torch.Generator().manual_seed(seed)
         xt = torch.tensor((x - mu) / sd, dtype=torch.float32)
@@ -71,11 +77,13 @@ class Prober:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        w1 = lin1.weight.detach().double().numpy().T       # (d, hidden)
+        w1 = lin1.weight.detach().double().numpy().T       # (k, hidden)
         b1 = lin1.bias.detach().double().numpy()
-        # fold standardisation: ((x - mu) / sd) @ w1 + b1 = x @ (w1 / sd) + (b1 - (mu / sd) @ w1)
+        # fold projection and standardisation: (((x - c) @ B^T - mu) / sd) @ w1 + b1
+        #   = x @ (B^T (w1 / sd)) + (b1 - ((c @ B^T + mu) / sd) @ w1)
+        scaled = w1 / sd[:, None]
         return cls(layer=layer, feature=feature,
-                   w1=(w1 / sd[:, None]).astype(np.float32), b1=(b1 - (mu / sd) @ w1).astype(np.float32),
+                   w1=(basis.T @ scaled).astype(np.float32), b1=(b1 - (centre @ basis.T + mu) @ scaled).astype(np.float32),
                    w2=lin2.weight.detach().numpy().T.copy(), b2=lin2.bias.detach().numpy().copy())
 
     def save(self, folder: Path) -> None:
@@ -90,6 +98,18 @@ class Prober:
         with np.load(folder / "prober.npz") as w:
             return cls(layer=meta["layer"], feature=meta["feature"], tau=meta["tau"], metrics=meta["metrics"],
                        w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"])
+
+
+def pair_subspace(harmful: np.ndarray, benign: np.ndarray, k: int) -> np.ndarray:
+    """(k + 1, d) orthonormal rows spanning how matched pairs differ: the mean harmful-minus-benign
+    direction and the top `k` principal directions of the pair differences. Pairs share their style and
+    differ in intent, so a prober confined to this subspace cannot key on style (which source, which
+    wrapper, which tone) the way one reading all d coordinates can."""
+    diffs = np.asarray(harmful, np.float64) - np.asarray(benign, np.float64)
+    mean = diffs.mean(0)
+    _, _, vt = np.linalg.svd(diffs - mean, full_matrices=False)
+    q, _ = np.linalg.qr(np.concatenate([mean[None] / np.linalg.norm(mean), vt[:k]]).T)
+    return q.T
 
 
 def auroc(risk: np.ndarray, y: np.ndarray) -> float:
