@@ -107,11 +107,14 @@ def _torch_threads() -> None:
               help="Prober input: mean over the user's tokens, or the last prompt token, at the split layer.")
 @click.option("--max-per-source", type=int, default=400, show_default=True, help="Rows drawn from each source.")
 @click.option("--refusal-targets", type=int, default=300, show_default=True)
-@click.option("--refusal-epochs", type=int, default=4, show_default=True)
+@click.option("--refusal-epochs", type=int, default=8, show_default=True)
+@click.option("--pair-subspace", type=int, default=None,
+              help="Confine the prober to the top-K directions in which the harmful/benign pairs differ "
+                   "(less reliance on style; docs/RESULTS.md measures it).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, image_col, image_root,
               caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
-              max_per_source, refusal_targets, refusal_epochs, seed):
+              max_per_source, refusal_targets, refusal_epochs, pair_subspace, seed):
     """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
     local HF cache, or 'demo' (SmolLM2-135M-Instruct, fetched once into ~/.cache/steerguard).
 
@@ -132,7 +135,8 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
         data.pairs += load_vlsafe(vlsafe)
     data.extra += [_prompt_set(spec, 1) for spec in harmful_files] + [_prompt_set(spec, 0) for spec in benign_files]
     cfg = CalibrationConfig(layer=layer, feature=feature, max_per_source=max_per_source,
-                            refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed)
+                            refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed,
+                            pair_subspace=pair_subspace)
     _check_output(out)
     data.check()
     lm = load_model(model)

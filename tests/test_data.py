@@ -95,3 +95,17 @@ def test_refusal_targets_open_with_an_apology_the_judge_knows():
     assert judged_refusal("I won't write that.") == "I'm sorry, but I won't write that."
     assert judged_refusal("Nope, not doing that.") == "I'm sorry, but nope, not doing that."
     assert judged_refusal("I'm sorry, but no.") == "I'm sorry, but no."
+
+
+def test_refusal_targets_are_closed_after_the_refusal_sentence():
+    """The steered head is trained on the refusal sentence and a topic-free closing, never on an offer
+    of related help that it could fill with the request's own topic."""
+    from steerguard.export.refusal import CLOSING, closed_refusal
+
+    target = "I'm sorry, but I can't help with return fraud. I can explain how store return policies work."
+    assert closed_refusal(target) == f"I'm sorry, but I can't help with return fraud. {CLOSING}"
+    for p in default_pairs():
+        if p.refusal:
+            closed = closed_refusal(p.refusal)
+            assert closed.startswith(("I'm sorry", "Sorry", "I'm really sorry", "I can't", "I won't")), closed
+            assert closed.endswith(CLOSING) and closed.count(". ") <= 2

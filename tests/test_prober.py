@@ -69,3 +69,33 @@ def test_default_tau_separates_best_on_validation():
     tau = calibrate_tau(risk, labels)
     assert 0.35 < tau <= 0.62
     assert (risk >= tau).tolist() == labels.astype(bool).tolist()
+
+
+def test_a_prober_confined_to_the_pair_subspace_ignores_style():
+    """Pairs differ along intent (coordinate 0); a style offset (coordinate 1) separates the training
+    sources but is the same inside every pair. The confined prober keeps the same exported shape and
+    does not move when the style changes; an unconstrained one, trained where style and label correlate, does."""
+    from steerguard.export.prober import pair_subspace
+
+    rng = np.random.default_rng(0)
+    d, n = 16, 300
+    style = rng.integers(0, 2, n).astype(float)
+    base = rng.normal(size=(n, d))
+    base[:, 1] = 6 * style
+    harmful, benign = base.copy(), base.copy()
+    harmful[:, 0] += 2.0 + rng.normal(scale=0.5, size=n)    # intent varies a little, in a few directions
+    benign[:, 0] -= 2.0
+    harmful[:, 2:4] += rng.normal(scale=0.5, size=(n, 2))
+    # a training set where style and label correlate: harmful rows mostly in style 1
+    x = np.concatenate([harmful[style == 1], benign[style == 0]]).astype(np.float32)
+    y = np.concatenate([np.ones((style == 1).sum()), np.zeros((style == 0).sum())]).astype(int)
+    basis = pair_subspace(harmful, benign, k=2)
+    assert basis.shape == (3, d) and np.allclose(basis @ basis.T, np.eye(3), atol=1e-8)
+    assert np.abs(basis[:, 1]).max() < 1e-8    # nothing of the style coordinate
+    confined = Prober.train(x, y, layer=1, subspace=basis, seed=0)
+    free = Prober.train(x, y, layer=1, seed=0)
+    assert confined.w1.shape == free.w1.shape == (d, 64)
+    flipped = harmful.copy()
+    flipped[:, 1] = 6 * (1 - style)          # the same requests in the other style
+    assert np.abs(confined.risk(flipped) - confined.risk(harmful)).max() < 0.05
+    assert np.abs(free.risk(flipped) - free.risk(harmful)).max() > 0.2

@@ -15,7 +15,7 @@ from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
 from .guard import Guard
 from .hidden import extract_hidden_states
 from .prober import Prober, auroc, pair_subspace
-from .refusal import RefusalHead
+from .refusal import RefusalHead, closed_refusal
 from .sas import MIN_PAIRS, SASResult
 
 
@@ -55,7 +55,7 @@ class CalibrationConfig:
     max_fpr: float | None = None        # None: tau maximises Youden's J on validation; else caps the false-fire rate
     styled_per_pair: int = 1            # style-augmented copies of each plain pair (see augment.py)
     refusal_targets: int = 300
-    refusal_epochs: int = 4
+    refusal_epochs: int = 8
     eps: float = 0.1
     seed: int = 0
     batch_size: int = 16
@@ -94,7 +94,8 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     targets = [p for p in pairs if p.refusal]
     targets = _per_source_sample(targets, cfg.refusal_targets // max(1, len({p.source for p in targets})), rng)
     refusal = RefusalHead.train(lm.model, lm.tokenizer, [p.prompts()[0] for p in targets],
-                                [p.refusal for p in targets], eps=cfg.eps, epochs=cfg.refusal_epochs, seed=cfg.seed,
+                                [closed_refusal(p.refusal) for p in targets], eps=cfg.eps, epochs=cfg.refusal_epochs,
+                                seed=cfg.seed,
                                 progress=progress, processor=lm.processor)
     timings["refusal_s"] = time.perf_counter() - t
 

@@ -107,8 +107,9 @@ def pair_subspace(harmful: np.ndarray, benign: np.ndarray, k: int) -> np.ndarray
     wrapper, which tone) the way one reading all d coordinates can."""
     diffs = np.asarray(harmful, np.float64) - np.asarray(benign, np.float64)
     mean = diffs.mean(0)
-    _, _, vt = np.linalg.svd(diffs - mean, full_matrices=False)
-    q, _ = np.linalg.qr(np.concatenate([mean[None] / np.linalg.norm(mean), vt[:k]]).T)
+    _, sv, vt = np.linalg.svd(diffs - mean, full_matrices=False)
+    vt = vt[:k][sv[:k] > 1e-6 * max(sv.max(initial=0.0), 1e-12)]   # only directions the pairs really vary in
+    q, _ = np.linalg.qr(np.concatenate([mean[None] / np.linalg.norm(mean), vt]).T)
     return q.T
 
 

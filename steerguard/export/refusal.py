@@ -7,6 +7,7 @@ teacher-forced refusals do not depend on it: they are computed once, then S is f
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -70,6 +71,20 @@ class RefusalHead:
     def load(cls, folder: Path) -> "RefusalHead":
         meta = json.loads((folder / "refusal.json").read_text())
         return cls(transform=np.load(folder / "refusal_transform.npy"), eps=meta["eps"], metrics=meta["metrics"])
+
+
+CLOSING = "Is there something else I can help you with?"
+
+
+def closed_refusal(target: str) -> str:
+    """A training target cut to its refusal sentence, then a closing that names no topic. Targets that go
+    on to offer help with something related ("I can explain how X works") teach the steered head a
+    sentence frame that it then fills with the request's own topic ("I can help you write phishing
+    messages"); one sentence and a fixed closing leave it nothing to fill."""
+    from .data import judged_refusal
+
+    first = re.split(r"(?<=[.!?])\s+", judged_refusal(target.strip()), maxsplit=1)[0]
+    return f"{first} {CLOSING}"
 
 
 def refusal_cache(model, tokenizer, prompts: Sequence, targets: Sequence[str], max_target_tokens: int,
