@@ -112,8 +112,9 @@ def main() -> None:
              "| case | prompt tokens | vision engine | first token | decode tok/s | risk (image + text) | risk (text alone) | fired |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        speed = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "— (one token)"
         lines.append(f"| {r['case']} | {r['prompt_tokens']} | {r['vision_engine_ms']:.0f} ms | {r['first_token_ms']:.0f} ms "
-                     f"| {r['decode_tok_s']:.1f} | {r['risk_with_image']:.3f} | {r['risk_text_only']:.3f} | {r['fired']} |")
+                     f"| {speed} | {r['risk_with_image']:.3f} | {r['risk_text_only']:.3f} | {r['fired']} |")
     lines += ["", "Answers (first 48 tokens):", ""]
     lines += [f"- {r['case']}: {r['answer'][:240]!r}" for r in rows]
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
