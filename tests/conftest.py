@@ -96,7 +96,7 @@ def tiny_llava_onevision(texts, seed: int = 0):
                               LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, Qwen2Config,
                               SiglipVisionConfig)
 
-    from steerguard.export.models import LoadedModel
+    from steerguard.export.models import LoadedModel, without_video
 
     tok = tiny_tokenizer(texts, extra_specials=["<image>", "<video>"])
     tok.chat_template = CHATML_IMAGES
@@ -114,23 +114,11 @@ def tiny_llava_onevision(texts, seed: int = 0):
     model = LlavaOnevisionForConditionalGeneration(cfg).eval()
     images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
                                           image_grid_pinpoints=pinpoints)
-    processor = _image_only(LlavaOnevisionProcessor)(image_processor=images, tokenizer=tok, video_processor=None,
+    processor = without_video(LlavaOnevisionProcessor)(image_processor=images, tokenizer=tok, video_processor=None,
                                    chat_template=CHATML_IMAGES, num_image_tokens=16,
                                    vision_feature_select_strategy="full")
     return LoadedModel(model=model, tokenizer=tok, source="tiny-llava-onevision", name="tiny-llava-onevision",
                        sha256="llava-onevision-sha", processor=processor)
-
-
-def _image_only(processor_class):
-    """The processor without a video processor: that needs torchvision, which does not install beside
-    this machine's CPU torch."""
-
-    class ImageOnly(processor_class):
-        def check_argument_for_proper_class(self, name, arg):
-            if name != "video_processor":
-                return super().check_argument_for_proper_class(name, arg)
-
-    return ImageOnly
 
 
 QWEN2_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -142,7 +130,7 @@ def tiny_qwen2_vl(texts, seed: int = 0):
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
-    from steerguard.export.models import LoadedModel
+    from steerguard.export.models import LoadedModel, without_video
 
     specials = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
     tok = tiny_tokenizer(texts, extra_specials=specials)
@@ -160,7 +148,7 @@ def tiny_qwen2_vl(texts, seed: int = 0):
                   temporal_patch_size=2)
     model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids)).eval()
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16)
-    processor = _image_only(Qwen2VLProcessor)(image_processor=images, tokenizer=tok, video_processor=None,
+    processor = without_video(Qwen2VLProcessor)(image_processor=images, tokenizer=tok, video_processor=None,
                                               chat_template=template)
     return LoadedModel(model=model, tokenizer=tok, source="tiny-qwen2-vl", name="tiny-qwen2-vl",
                        sha256="qwen2-vl-sha", processor=processor)

@@ -47,17 +47,10 @@ class HiddenStates:
 def image_inputs(processor, prompt, extra_ids: Sequence[int] = ()) -> dict:
     """The model's inputs for an image prompt as its own processor builds them (image placeholders
     expanded, pixel values, sizes / grids), with `extra_ids` appended to the token ids."""
-    from PIL import Image
-
-    from ..errors import SteerguardError
-
-    try:
-        with Image.open(prompt.image) as im:
-            image = im.copy()
-    except OSError as e:
-        raise SteerguardError(f"{prompt.image}: cannot read this image ({e})") from None
+    from ..runtime.images import load_image
     from .arch import processor_kwargs
 
+    image = load_image(prompt.image)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = dict(processor(text=text, images=[image], return_tensors="pt", **processor_kwargs(processor)))

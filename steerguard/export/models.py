@@ -181,6 +181,18 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     return lm
 
 
+def without_video(processor_class):
+    """`processor_class` accepting `video_processor=None` (transformers type-checks it against a class that
+    needs torchvision to resolve)."""
+
+    class ImageOnly(processor_class):
+        def check_argument_for_proper_class(self, argument, value):
+            if argument != "video_processor":
+                return super().check_argument_for_proper_class(argument, value)
+
+    return ImageOnly
+
+
 def _image_processor_only(folder: Path):
     """The model's processor without its video processor (which needs torchvision, often missing beside a
     CPU torch): the image processor and tokenizer are all steerguard uses."""
@@ -195,14 +207,9 @@ def _image_processor_only(folder: Path):
         raise SteerguardError(f"{folder}: cannot build the {config.get('model_type')} processor "
                               "(install torchvision, or add processor_config.json)")
 
-    class ImageOnly(base):
-        def check_argument_for_proper_class(self, argument, value):
-            if argument != "video_processor":
-                return super().check_argument_for_proper_class(argument, value)
-
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     template = Path(folder) / "chat_template.jinja"
-    return ImageOnly(image_processor=AutoImageProcessor.from_pretrained(folder, local_files_only=True),
+    return without_video(base)(image_processor=AutoImageProcessor.from_pretrained(folder, local_files_only=True),
                      tokenizer=tokenizer, video_processor=None,
                      chat_template=template.read_text() if template.exists() else tokenizer.chat_template)
 

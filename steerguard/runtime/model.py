@@ -220,17 +220,13 @@ class GuardedModel:
         x = self.embed.run({"input_ids": np.array([ids], np.int64)})["inputs_embeds"]
         if prompt.image_rows is not None:
             x[0, np.asarray(ids) == self.vision.image_token_id] = prompt.image_rows
-        rotary = self.rotary_tables(prompt, cache.max_len)
         cache.lengths[row] = len(ids)
-        lengths = Lengths(np.array([len(ids)]), len(ids))
+        attention = AttentionInputs(np.array([len(ids)]), len(ids), self.rotary_tables(prompt, cache.max_len))
         risk = None
         for engine, layers in decoders or self.decoders:
             b = engine.binding()
             b.bind_cpu_input(engine.input_names[0], x)
-            lengths.bind(b)
-            if rotary is not None:
-                b.bind_cpu_input("rotary_cos", rotary[0])
-                b.bind_cpu_input("rotary_sin", rotary[1])
+            attention.bind(b)
             cache.bind(b, layers, row)
             outs = [n for n in engine.output_names if not n.startswith("present.")]
             for n in outs:
@@ -251,7 +247,7 @@ class GuardedModel:
         """Append `tokens` (B,) to every row; return the final hidden states (B, d)."""
         cache.lengths += 1
         step.ids[:, 0] = tokens
-        step.lengths.advance(cache.lengths)
+        step.attention.advance(cache.lengths)
         self.embed.run_binding(step.embed_binding)
         for (engine, _), b in zip(self.step_decoders, step.bindings):
             engine.run_binding(b)
@@ -379,18 +375,22 @@ class GuardedModel:
         return Stream(self, request, sampling)
 
 
-class Lengths:
-    """The attention's length inputs, bound to every decoder engine of a run and updated in place: each
-    row's length - 1, and the width of the KV buffer (attention over the shared buffer reads each row's
-    own length)."""
+class AttentionInputs:
+    """Where the tokens of a run sit, bound to every decoder engine and updated in place: each row's
+    length - 1, the width of the KV buffer (attention over the shared buffer reads each row's own length),
+    and for 3-D rotary models the per-request rotary tables."""
 
-    def __init__(self, lengths: np.ndarray, width: int):
+    def __init__(self, lengths: np.ndarray, width: int, rotary: tuple[np.ndarray, np.ndarray] | None = None):
         self.seqlens = (np.asarray(lengths) - 1).astype(np.int32)
         self.total = np.array(width, np.int32)
+        self.rotary = rotary
 
     def bind(self, binding: ort.IOBinding) -> None:
         binding.bind_cpu_input("seqlens_k", self.seqlens)
         binding.bind_cpu_input("total_sequence_length", self.total)
+        if self.rotary is not None:
+            binding.bind_cpu_input("rotary_cos", self.rotary[0])
+            binding.bind_cpu_input("rotary_sin", self.rotary[1])
 
     def advance(self, lengths: np.ndarray) -> None:
         self.seqlens[:] = lengths - 1
@@ -404,7 +404,7 @@ class DecodeStep:
                  rotary: tuple[np.ndarray, np.ndarray] | None = None):
         d = model.hidden_size
         self.ids = np.zeros((batch, 1), np.int64)
-        self.lengths = Lengths(cache.lengths, cache.max_len)
+        self.attention = AttentionInputs(cache.lengths, cache.max_len, rotary)
         x = np.zeros((batch, 1, d), np.float32)
         self.embed_binding = model.embed.binding()
         self.embed_binding.bind_cpu_input("input_ids", self.ids)
@@ -414,11 +414,7 @@ class DecodeStep:
         for engine, layers in model.step_decoders:
             b = engine.binding()
             b.bind_ortvalue_input(engine.input_names[0], ort.OrtValue.ortvalue_from_numpy(x))
-            self.lengths.bind(b)
-            if rotary is not None:
-                b.bind_cpu_input("rotary_cos", rotary[0])
-                b.bind_cpu_input("rotary_sin", rotary[1])
-                self._keep += list(rotary)
+            self.attention.bind(b)
             cache.bind(b, layers)
             out = np.zeros((batch, 1, d), np.float32)
             name = "last_hidden_state" if "last_hidden_state" in engine.output_names else "hidden_states"
