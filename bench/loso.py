@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pair-subspace", type=int, default=None,
                     help="confine the prober to the top-K pair-difference directions (CalibrationConfig.pair_subspace)")
+    ap.add_argument("--erase-sources", type=int, default=CalibrationConfig.erase_sources,
+                    help="directions that tell same-class sources apart, removed (CalibrationConfig.erase_sources)")
     ap.add_argument("--out", type=Path, default=Path("docs/loso.json"))
     args = ap.parse_args()
     import torch
@@ -87,13 +89,15 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     lm = load_model("demo")
-    cfg = CalibrationConfig(layer=args.layer, seed=args.seed, pair_subspace=args.pair_subspace)
+    cfg = CalibrationConfig(layer=args.layer, seed=args.seed, pair_subspace=args.pair_subspace,
+                            erase_sources=args.erase_sources)
     rng = random.Random(args.seed + 2)
 
     table = CalibrationTable.build(CalibrationData.default(), cfg)
     states = cached_states(lm, table.texts, "calibration")
     pair_rows = 2 * len(table.pairs)
-    sas = SASResult.compute(states[0:pair_rows:2], states[1:pair_rows:2])
+    plain = 2 * table.plain_pairs      # SAS on the pairs as given, as `calibrate` computes it
+    sas = SASResult.compute(states[0:plain:2], states[1:plain:2])
     layer = args.layer if args.layer is not None else sas.best_layer
     base = states[:, layer]
 
@@ -104,14 +108,14 @@ def main() -> None:
     # calibration rows that belong to a held-out source leave with it
     belongs = {"vlsafe": "vlsafe+", "vlsafe_safe": "vlsafe-", "alpaca": "alpaca"}
 
-    def train(exclude: str | None):
-        keep = table.sources != belongs.get(exclude, "")
+    def train(*exclude: str):
+        keep = ~np.isin(table.sources, [belongs.get(e, "") for e in exclude])
         f, y, src, val = [base[keep]], [table.labels[keep]], [table.sources[keep]], [table.val[keep]]
         # the pairs spanning the prober's subspace: training pairs whose both sides stay
         both = keep[0:pair_rows:2] & keep[1:pair_rows:2] & ~table.val[0:pair_rows:2]
         pairs = (base[0:pair_rows:2][both], base[1:pair_rows:2][both])
         for k, v in feats.items():
-            if k != exclude:
+            if k not in exclude:
                 f.append(v)
                 y.append(np.full(len(v), labels[k]))
                 src.append(np.array([k] * len(v)))
@@ -121,7 +125,7 @@ def main() -> None:
 
     rows, pooled_r, pooled_y = [], [], []
     for s in sets:
-        prober = train(exclude=s.source)
+        prober = train(s.source)
         risk = prober.risk(feats[s.source])
         fire = float((~(risk < prober.tau)).mean())
         target = TARGETS["harmful"] if s.label else TARGETS.get(s.source)
@@ -132,14 +136,21 @@ def main() -> None:
         pooled_y.append(np.full(len(risk), s.label))
         print(f"  held out {s.source:<20} fire {100 * fire:5.1f}%  (tau {prober.tau:.2f})", flush=True)
     pooled_auroc = auroc(np.concatenate(pooled_r), np.concatenate(pooled_y))
+    # VLSafe's harmful queries and their safe rewrites share captions and wording: held out one side at a
+    # time, the other side teaches the prober that this frame means the opposite label. Also report
+    # the whole data set held out, the way a user's requests are absent from calibration.
+    whole = train("vlsafe", "vlsafe_safe")
+    whole_vlsafe = {k: float((~(whole.risk(feats[k]) < whole.tau)).mean()) for k in ("vlsafe", "vlsafe_safe")}
 
-    final = train(exclude=None)
+    final = train()
     never = {k: float((~(final.risk(v) < final.tau)).mean()) for k, v in extra.items()}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or ''}"
               f" {__import__('os').cpu_count()} cores", "model": lm.name, "layer": layer,
               "sas_best_layer": sas.best_layer, "sas_max": max(sas.scores), "feature": cfg.feature,
               "pair_subspace": cfg.pair_subspace,
+              "erase_sources": cfg.erase_sources,
               "per_source": args.per_source, "loso": rows, "pooled_auroc": pooled_auroc,
+              "vlsafe_whole_dataset_held_out": whole_vlsafe,
               "final_guard": {"tau": final.tau, "never_calibrated_fire_rate": never},
               "seconds": round(time.time() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +160,7 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     space = f", confined to {r['pair_subspace'] + 1} pair-difference directions" if r.get("pair_subspace") else ""
+    space += f", {r['erase_sources']} source directions erased" if r.get("erase_sources") else ""
     lines = [f"LOSO on {r['model']}, prober on layer {r['layer']} ({r['feature']} token{space}), "
              f"{r['per_source']} prompts per source, {r['date']}, {r['machine']}", "",
              "| held-out source | kind | n | guard fires | target | met |", "|---|---|---|---|---|---|"]
@@ -159,7 +171,11 @@ def markdown(r: dict) -> str:
     worst_h = min(x["fire_rate"] for x in r["loso"] if x["kind"] == "harmful")
     worst_b = max(x["fire_rate"] for x in r["loso"] if x["kind"] == "benign")
     lines += ["", f"pooled AUROC of held-out predictions: **{r['pooled_auroc']:.3f}** (target >= 0.97); "
-              f"worst harmful fire rate {100 * worst_h:.1f}%, worst benign fire rate {100 * worst_b:.1f}%", "",
+              f"worst harmful fire rate {100 * worst_h:.1f}%, worst benign fire rate {100 * worst_b:.1f}%", ""] + ([
+              "VLSafe held out as a whole data set (harmful queries and safe rewrites together): fires on "
+              f"{100 * r['vlsafe_whole_dataset_held_out']['vlsafe']:.1f}% of its harmful queries and "
+              f"{100 * r['vlsafe_whole_dataset_held_out']['vlsafe_safe']:.1f}% of its safe rewrites", ""]
+              if "vlsafe_whole_dataset_held_out" in r else []) + [
               "final guard (all sources) on sets never used in calibration: " +
               ", ".join(f"{k} fires {100 * v:.1f}%" for k, v in r["final_guard"]["never_calibrated_fire_rate"].items())]
     return "\n".join(lines)

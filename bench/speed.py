@@ -51,11 +51,11 @@ def ensure_bundles(guard_dir: Path | None) -> dict[str, Path]:
     return paths
 
 
-GUARDED = "steerguard guarded chain fp32 (split 22, int8 prober)"
+GUARDED = "steerguard guarded chain fp32 (split at the guard's layer, int8 prober)"
 UNSPLIT = "steerguard same model unsplit, unguarded, fp32"
 GENAI = "onnxruntime-genai fp32"
 INT8 = "steerguard guarded chain int8 (MatMulNBits, block 32)"
-INT4 = "steerguard guarded chain int4 (the default: prompt through layers < 22 at int8, decode at int4)"
+INT4 = "steerguard guarded chain int4 (the default: prompt through the layers before the split at int8, decode at int4)"
 INT4_ALL = "steerguard guarded chain int4 in every engine (guard decisions shift)"
 GENAI_INT4 = "onnxruntime-genai int4 (block 32)"
 LLAMACPP = "llama.cpp Q4_1 GGUF (llama-cpp-python)"

@@ -107,7 +107,7 @@ def main() -> None:
              f"- `steerguard.export.stitch.attach_vision` wrote the bundle in {stitch_s:.1f} s; vision engine "
              f"{size / 1e6:.0f} MB (fp32). Images are letterboxed to 224 x 224 (ImageNet mean/std) in numpy/Pillow; "
              "each image takes 256 prompt positions in place of one `<filename>` placeholder token.",
-             "- The guard (split layer 22, the fp32 bundle's prober) judges the prompt with the image in it: "
+             f"- The guard (split layer {model.split_layer}, the fp32 bundle's prober) judges the prompt with the image in it: "
              "the risk below is computed on the image's 256 embeddings plus the text.", "",
              "| case | prompt tokens | vision engine | first token | decode tok/s | risk (image + text) | risk (text alone) | fired |",
              "|---|---|---|---|---|---|---|---|"]

@@ -111,10 +111,13 @@ def _torch_threads() -> None:
 @click.option("--pair-subspace", type=int, default=None,
               help="Confine the prober to the top-K directions in which the harmful/benign pairs differ "
                    "(less reliance on style; docs/RESULTS.md measures it).")
+@click.option("--erase-sources", type=int, default=4, show_default=True,
+              help="Remove the K directions along which calibration sources of the same class differ "
+                   "(their style) before the prober reads the split-point state; 0 keeps them.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, image_col, image_root,
               caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
-              max_per_source, refusal_targets, refusal_epochs, pair_subspace, seed):
+              max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, seed):
     """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
     local HF cache, or 'demo' (SmolLM2-135M-Instruct, fetched once into ~/.cache/steerguard).
 
@@ -136,7 +139,7 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     data.extra += [_prompt_set(spec, 1) for spec in harmful_files] + [_prompt_set(spec, 0) for spec in benign_files]
     cfg = CalibrationConfig(layer=layer, feature=feature, max_per_source=max_per_source,
                             refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed,
-                            pair_subspace=pair_subspace)
+                            pair_subspace=pair_subspace, erase_sources=erase_sources)
     _check_output(out)
     data.check()
     lm = load_model(model)

@@ -11,12 +11,40 @@ from steerguard.export.data import (default_benign, default_pairs, load_pairs, l
 def test_shipped_defaults_load_without_shared_folder():
     pairs = default_pairs()
     sources = {p.source for p in pairs}
-    assert sources == {"vlsafe"} | {f"contrast-{x}" for x in "abcde"}
-    assert sum(p.source.startswith("contrast") for p in pairs) >= 1300
+    assert sources == {"vlsafe"} | {f"contrast-{x}" for x in "abcdefghi"}
+    assert sum(p.source.startswith("contrast") for p in pairs) >= 2400
     assert all(p.harmful and p.benign and p.refusal for p in pairs)
     from steerguard.runtime.judge import opens_with_refusal
     assert all(opens_with_refusal(p.refusal) for p in pairs if p.source != "vlsafe")
     assert len(default_benign()[0].prompts) == 2000
+
+
+def test_shipped_contrast_pairs_share_no_prompt_with_the_evaluation_sets():
+    """The guard is measured on ../shared/data; the pairs written for the project must not contain it."""
+    import json
+
+    def texts(path, *keys):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            for k in keys:
+                v = row
+                for part in k.split("."):
+                    v = v[int(part)] if isinstance(v, list) else v.get(part)
+                if isinstance(v, str):
+                    yield " ".join(v.lower().split())
+
+    req = SHARED / "requests"
+    evaluation = set()
+    for f in ("sorry-bench-train.jsonl", "trustllm-misuse-train.jsonl", "trustllm-jailbreak-train.jsonl", "trivia_qa.jsonl"):
+        evaluation |= set(texts(req / f, "turns.0"))
+    for f in ("toxic_text_500.jsonl", "cotoxic_500.jsonl"):
+        evaluation |= set(texts(SHARED / "tovilag" / f, "query"))
+    evaluation |= set(texts(SHARED / "vlsafe" / "examine_sampled_500_VLSafe.jsonl", "query"))
+    ours = [" ".join(t.lower().split()) for p in default_pairs() if p.source.startswith("contrast")
+            for t in (p.harmful, p.benign)]
+    ours += [" ".join(t.split("\n", 1)[-1].lower().split()) for t in ours if t.startswith("image: ")]
+    assert len(evaluation) > 2000
+    assert not evaluation & set(ours)
 
 
 def test_vlsafe_pairs_keep_the_caption_and_zip_rows_in_order():

@@ -105,3 +105,17 @@ def test_batched_hidden_states_equal_single_prompt_states(tiny):
         single = extract_hidden_states(tiny.model, tiny.tokenizer, [p], batch_size=1)
         np.testing.assert_allclose(batched.last[i], single.last[0], atol=1e-5)
         np.testing.assert_allclose(batched.mean[i], single.mean[0], atol=1e-5)
+
+
+def test_states_up_to_a_layer_equal_the_full_pass_there(tiny):
+    """Calibration runs the prompts that only feed the prober through the layers before the split."""
+    from steerguard.export.hidden import extract_hidden_states
+
+    prompts = ["short one", "a somewhat longer prompt about safety and protecting accounts", "mid length here"]
+    full = extract_hidden_states(tiny.model, tiny.tokenizer, prompts, batch_size=2)
+    upto = extract_hidden_states(tiny.model, tiny.tokenizer, prompts, batch_size=2, upto=2)
+    np.testing.assert_allclose(upto.last[:, 2], full.last[:, 2], atol=1e-6)
+    np.testing.assert_allclose(upto.mean[:, 2], full.mean[:, 2], atol=1e-6)
+    assert not upto.last[:, 3:].any()
+    again = extract_hidden_states(tiny.model, tiny.tokenizer, prompts, batch_size=2)   # the hook is gone
+    np.testing.assert_array_equal(again.last, full.last)

@@ -99,3 +99,35 @@ def test_a_prober_confined_to_the_pair_subspace_ignores_style():
     flipped[:, 1] = 6 * (1 - style)          # the same requests in the other style
     assert np.abs(confined.risk(flipped) - confined.risk(harmful)).max() < 0.05
     assert np.abs(free.risk(flipped) - free.risk(harmful)).max() > 0.2
+
+
+def test_source_erasure_removes_the_style_that_tells_sources_apart():
+    """Two harmful and two benign sources; a style coordinate separates the sources inside each class
+    and, as it happens, leans harmful. The prober trained after erasure keeps the intent direction and
+    ignores the style; one trained without it moves with the style."""
+    from steerguard.export.prober import source_erasure
+
+    rng = np.random.default_rng(1)
+    d, n = 12, 100
+    rows, labels, sources = [], [], []
+    for name, label, style in [("h1", 1, 4.0), ("h2", 1, 1.0), ("b1", 0, -1.0), ("b2", 0, 0.5)]:
+        x = rng.normal(size=(n, d))
+        x[:, 0] += 2.0 if label else -2.0       # intent
+        x[:, 1] = style + rng.normal(scale=0.3, size=n)
+        rows.append(x)
+        labels += [label] * n
+        sources += [name] * n
+    x, y, src = np.concatenate(rows), np.array(labels), np.array(sources)
+    erase = source_erasure(x, y, src, k=1)
+    assert erase.shape == (d, d)
+    assert np.linalg.matrix_rank(erase) == d - 1          # one direction gone
+    erased = Prober.train(x, y, layer=1, erase=erase, seed=0)
+    free = Prober.train(x, y, layer=1, seed=0)
+    assert erased.w1.shape == free.w1.shape == (d, 64)
+    assert auroc(erased.risk(x), y) > 0.95
+    probe = x[y == 1].copy()
+    shifted = probe.copy()
+    shifted[:, 1] -= 4.0                       # the same harmful requests in a style only benign sources had
+    assert np.abs(erased.risk(shifted) - erased.risk(probe)).mean() < 0.05
+    assert np.abs(free.risk(shifted) - free.risk(probe)).mean() > 0.1
+    assert np.allclose(source_erasure(x, y, src, k=0), np.diag(1 / (x.std(0) + 1e-6)))

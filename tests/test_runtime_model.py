@@ -48,7 +48,9 @@ def test_fused_prober_matches_the_numpy_prober(tiny_export, gm):
         ids = gm.encode(prompt)
         cache = KVCache(range(gm.num_layers), 1, gm.kv_heads, len(ids) + 1, gm.head_dim)
         assert abs(gm.prefill(ids, cache, 0)[1] - want) <= 1e-5
-        assert abs(int8.prefill(ids, cache, 0)[1] - want) <= 2e-2
+        # int8 w1 (per-row and per-column scales): a few hundredths of risk; the source erasure folded into
+        # w1 makes it denser (demo model: max 0.042 over 5,000 prompts, decisions 99.3-100% as fp32's)
+        assert abs(int8.prefill(ids, cache, 0)[1] - want) <= 3e-2
 
 
 @pytest.mark.parametrize("tau", [2.0, 0.0], ids=["never-fires", "always-fires"])
@@ -59,6 +61,25 @@ def test_greedy_tokens_equal_the_pytorch_reference(tiny_export, gm, tau):
         a, b = gm.generate(prompt, Sampling(max_new_tokens=16)), ref.generate(prompt, Sampling(max_new_tokens=16))
         assert a.token_ids == b.token_ids and a.fired == b.fired == (tau == 0.0)
         assert a.text == b.text and abs(a.risk - b.risk) <= 1e-5
+
+
+def test_a_refusal_never_ends_the_turn_at_once(tiny_export, gm):
+    """When the refusal head's first choice is the end of the turn, the guard takes its next choice
+    (a fired request never gets an empty answer); an unguarded answer may still be empty."""
+    tiny_export.guard.prober.tau = gm.tau = 0.0
+    ref = ReferenceGuard(tiny_export.lm, tiny_export.guard)
+    s = Sampling(max_new_tokens=4)
+    first = gm.generate(PROMPTS[0], s).token_ids[0]
+    plain_first = gm.generate(PROMPTS[0], s, steer=False).token_ids[0]
+    saved = gm.stop_ids, gm.stop_list, ref.stop_ids
+    try:
+        gm.stop_ids, gm.stop_list, ref.stop_ids = {first, plain_first}, sorted({first, plain_first}), {first, plain_first}
+        a, b = gm.generate(PROMPTS[0], s), ref.generate(PROMPTS[0], s)
+        assert a.fired and a.token_ids and a.token_ids[0] not in (first, plain_first)
+        assert a.token_ids == b.token_ids
+        assert gm.generate(PROMPTS[0], s, steer=False).token_ids == []
+    finally:
+        gm.stop_ids, gm.stop_list, ref.stop_ids = saved
 
 
 def test_plain_bundle_gives_the_unguarded_answer(tiny_export, gm):

@@ -14,7 +14,7 @@ from .augment import augment_pairs
 from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
 from .guard import Guard
 from .hidden import extract_hidden_states
-from .prober import Prober, auroc, pair_subspace
+from .prober import Prober, auroc, pair_subspace, source_erasure
 from .refusal import RefusalHead, closed_refusal
 from .sas import MIN_PAIRS, SASResult
 
@@ -60,6 +60,7 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 16
     pair_subspace: int | None = None    # k: the prober reads only the pairs' top-k difference directions
+    erase_sources: int = 4              # k: remove the top-k directions that tell same-class sources apart
 
 
 def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
@@ -74,18 +75,24 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     pairs, texts, labels, sources, val = table.pairs, table.texts, table.labels, table.sources, table.val
     rng = random.Random(cfg.seed + 1)
 
+    # SAS needs every layer, but only on the plain pairs; the rest (styled copies, extra prompt sets)
+    # only feeds the prober, so it runs through the layers before the split and stops there
     t = time.perf_counter()
-    hs = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size, progress and "hidden states",
-                               processor=lm.processor)
+    n_plain = 2 * table.plain_pairs
+    hs = extract_hidden_states(lm.model, lm.tokenizer, texts[:n_plain], cfg.batch_size,
+                               progress and "hidden states (pairs, every layer)", processor=lm.processor)
+    plain_train = ~val[:n_plain:2]
+    sas = SASResult.compute(hs.last[0::2][plain_train], hs.last[1::2][plain_train])
+    layer = cfg.layer if cfg.layer is not None else sas.best_layer
+    rest = extract_hidden_states(lm.model, lm.tokenizer, texts[n_plain:], cfg.batch_size,
+                                 progress and f"hidden states (the rest, up to layer {layer})",
+                                 processor=lm.processor, upto=layer)
     timings["hidden_states_s"] = time.perf_counter() - t
 
-    pair_train = ~val[:2 * len(pairs):2]
-    sas = SASResult.compute(hs.last[0:2 * len(pairs):2][pair_train], hs.last[1:2 * len(pairs):2][pair_train])
-    layer = cfg.layer if cfg.layer is not None else sas.best_layer
-
     t = time.perf_counter()
-    feats = hs.feature(cfg.feature, layer)
+    feats = np.concatenate([hs.feature(cfg.feature, layer), rest.feature(cfg.feature, layer)])
     n = 2 * len(pairs)
+    pair_train = ~val[:n:2]
     prober = fit_prober(feats, labels, sources, val, layer, cfg,
                         pairs=(feats[0:n:2][pair_train], feats[1:n:2][pair_train]))
     timings["prober_s"] = time.perf_counter() - t
@@ -119,11 +126,13 @@ class CalibrationTable:
     labels: np.ndarray
     sources: np.ndarray
     val: np.ndarray
+    plain_pairs: int        # pairs[:plain_pairs] as given; the rest are their styled copies
 
     @classmethod
     def build(cls, data: CalibrationData, cfg: CalibrationConfig) -> "CalibrationTable":
         rng = random.Random(cfg.seed)
         pairs = _per_source_sample(data.pairs, cfg.max_per_source, rng)
+        plain_pairs = len(pairs)
         if cfg.styled_per_pair:
             captions = [p.harmful.split("\n", 1)[0][len("Image: "):] for p in data.pairs
                         if p.harmful.startswith("Image: ")]
@@ -142,7 +151,7 @@ class CalibrationTable:
             labels += [s.label] * len(s.prompts)
             sources += [s.source] * len(s.prompts)
         val = _validation_mask(len(pairs), len(texts), cfg.val_fraction, rng)
-        return cls(pairs, texts, np.array(labels), np.array(sources), val)
+        return cls(pairs, texts, np.array(labels), np.array(sources), val, plain_pairs)
 
 
 def fit_prober(feats: np.ndarray, labels: np.ndarray, sources: np.ndarray, val: np.ndarray, layer: int,
@@ -151,9 +160,11 @@ def fit_prober(feats: np.ndarray, labels: np.ndarray, sources: np.ndarray, val: 
     `pairs` (harmful, benign features of the training pairs) span the prober's subspace when
     `cfg.pair_subspace` asks for one."""
     subspace = pair_subspace(*pairs, cfg.pair_subspace) if cfg.pair_subspace and pairs is not None else None
+    erase = (source_erasure(feats[~val], labels[~val], sources[~val], cfg.erase_sources)
+             if cfg.erase_sources else None)
     prober = Prober.train(feats[~val], labels[~val], layer, cfg.feature,
                           weights=source_balanced_weights(labels[~val], sources[~val]), seed=cfg.seed,
-                          subspace=subspace)
+                          subspace=subspace, erase=erase)
     risk = prober.risk(feats[val])
     prober.tau = calibrate_tau(risk, labels[val], cfg.max_fpr)
     prober.metrics = prober_metrics(risk, labels[val], sources[val], prober.tau)

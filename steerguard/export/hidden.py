@@ -70,13 +70,18 @@ def with_tokens(inputs: dict, extra_ids: Sequence[int]) -> dict:
     return out
 
 
+class _Reached(Exception):
+    """Raised by the hook on layer `upto`: the states past it are not needed."""
+
+
 @torch.inference_mode()
 def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int = 16,
-                          progress: bool | str = False, processor=None) -> HiddenStates:
+                          progress: bool | str = False, processor=None, upto: int | None = None) -> HiddenStates:
     """Run the decoder (no LM head) over `prompts` in length-sorted, right-padded batches.
     Right padding keeps positions and the causal mask exact, so a batched state equals the
     state of the prompt run alone (up to float rounding). Image prompts (`data.ImagePrompt`) go one
-    at a time through the whole multimodal model, as its processor prepares them."""
+    at a time through the whole multimodal model, as its processor prepares them. With `upto`, text
+    prompts run only through the layers before it and only `h_upto` is filled in (the others stay 0)."""
     images = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if images and processor is None:
         from ..errors import SteerguardError
@@ -103,23 +108,44 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
         mean[i] = states[:, prefix:].mean(1).numpy()
         bar.update(1)
     texts = [i for i in order if isinstance(prompts[i], str)]
-    for start in range(0, len(texts), batch_size):
-        batch = np.array(texts[start:start + batch_size])
-        lengths = [len(ids[i]) for i in batch]
-        width = max(lengths)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, :lengths[row]] = torch.tensor(ids[i])
-            mask[row, :lengths[row]] = 1
-        out = decoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        states = torch.stack(out.hidden_states, dim=1).float()          # (b, N+1, T, d)
-        idx = torch.tensor(lengths) - 1
-        last[batch] = states[torch.arange(len(batch)), :, idx].numpy()
-        user = mask.clone()
-        user[:, :prefix] = 0
-        w = (user / user.sum(1, keepdim=True).clamp(min=1))[:, None, :, None]
-        mean[batch] = (states * w).sum(2).numpy()
-        bar.update(len(batch))
+    reached: list = []
+    if upto is not None and upto < n_layers:
+        def stop_at(module, args, kwargs):
+            reached.append(args[0] if args else kwargs["hidden_states"])
+            raise _Reached
+        hook = decoder.layers[upto].register_forward_pre_hook(stop_at, with_kwargs=True)
+    else:
+        hook = None
+    try:
+        for start in range(0, len(texts), batch_size):
+            _text_batch(decoder, ids, texts[start:start + batch_size], pad, prefix, last, mean, upto, reached)
+            bar.update(min(batch_size, len(texts) - start))
+    finally:
+        if hook is not None:
+            hook.remove()
     bar.close()
     return HiddenStates(last=last, mean=mean, lengths=np.array([len(x) for x in ids]))
+
+
+def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int, last: np.ndarray,
+                mean: np.ndarray, upto: int | None, reached: list) -> None:
+    """One right-padded batch of text prompts: fill `last` and `mean` for its rows."""
+    batch = np.array(batch)
+    lengths = [len(ids[i]) for i in batch]
+    input_ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, i in enumerate(batch):
+        input_ids[row, :lengths[row]] = torch.tensor(ids[i])
+        mask[row, :lengths[row]] = 1
+    layers = slice(None)
+    try:
+        out = decoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        states = torch.stack(out.hidden_states, dim=1).float()          # (b, N+1, T, d)
+    except _Reached:
+        states, layers = reached.pop()[:, None].float(), slice(upto, upto + 1)
+    idx = torch.tensor(lengths) - 1
+    last[batch, layers] = states[torch.arange(len(batch)), :, idx].numpy()
+    user = mask.clone()
+    user[:, :prefix] = 0
+    w = (user / user.sum(1, keepdim=True).clamp(min=1))[:, None, :, None]
+    mean[batch, layers] = (states * w).sum(2).numpy()

@@ -42,10 +42,11 @@ class Prober:
     def train(cls, x: np.ndarray, y: np.ndarray, layer: int, feature: str = "last",
               weights: np.ndarray | None = None, hidden: int = 64, epochs: int = 300,
               lr: float = 3e-3, weight_decay: float = 1e-2, seed: int = 0,
-              subspace: np.ndarray | None = None) -> "Prober":
+              subspace: np.ndarray | None = None, erase: np.ndarray | None = None) -> "Prober":
         """Full-batch AdamW on (weighted) cross-entropy. Deterministic for a given seed. With `subspace`
         (k, d orthonormal rows, see `pair_subspace`) the MLP reads only the features' coordinates in it;
-        the projection is folded into the first layer, so the exported prober keeps its d -> hidden shape."""
+        with `erase` (a d x d map, see `source_erasure`) it reads the features after that map. Both are
+        folded into the first layer, so the exported prober keeps its d -> hidden shape."""
         import torch
 
         if feature not in FEATURES:
@@ -54,8 +55,10 @@ class Prober:
             raise SteerguardError("the prober needs both harmful and benign examples")
         x = x.astype(np.float64)
         centre = x.mean(0)
-        basis = np.eye(x.shape[1]) if subspace is None else np.asarray(subspace, np.float64)
-        x = (x - centre) @ basis.T
+        proj = np.eye(x.shape[1]) if subspace is None else np.asarray(subspace, np.float64).T     # (d, m)
+        if erase is not None:
+            proj = np.asarray(erase, np.float64) @ proj
+        x = (x - centre) @ proj
         mu, sd = x.mean(0), x.std(0) + 1e-6
         g = torch.Generator().manual_seed(seed)
         xt = torch.tensor((x - mu) / sd, dtype=torch.float32)
@@ -79,11 +82,11 @@ class Prober:
             opt.step()
         w1 = lin1.weight.detach().double().numpy().T       # (k, hidden)
         b1 = lin1.bias.detach().double().numpy()
-        # fold projection and standardisation: (((x - c) @ B^T - mu) / sd) @ w1 + b1
-        #   = x @ (B^T (w1 / sd)) + (b1 - ((c @ B^T + mu) / sd) @ w1)
+        # fold projection and standardisation: (((x - c) @ P - mu) / sd) @ w1 + b1
+        #   = x @ (P (w1 / sd)) + (b1 - ((c @ P + mu) / sd) @ w1)
         scaled = w1 / sd[:, None]
         return cls(layer=layer, feature=feature,
-                   w1=(basis.T @ scaled).astype(np.float32), b1=(b1 - (centre @ basis.T + mu) @ scaled).astype(np.float32),
+                   w1=(proj @ scaled).astype(np.float32), b1=(b1 - (centre @ proj + mu) @ scaled).astype(np.float32),
                    w2=lin2.weight.detach().numpy().T.copy(), b2=lin2.bias.detach().numpy().copy())
 
     def save(self, folder: Path) -> None:
@@ -111,6 +114,28 @@ def pair_subspace(harmful: np.ndarray, benign: np.ndarray, k: int) -> np.ndarray
     vt = vt[:k][sv[:k] > 1e-6 * max(sv.max(initial=0.0), 1e-12)]   # only directions the pairs really vary in
     q, _ = np.linalg.qr(np.concatenate([mean[None] / np.linalg.norm(mean), vt]).T)
     return q.T
+
+
+def source_erasure(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, k: int) -> np.ndarray:
+    """(d, d) map: standardise the features, then remove the `k` directions along which sources of the
+    same class differ most (the spread of each source's mean around its class's mean of source means).
+    Within a class every source means the same thing, so what tells them apart is style: the caption
+    frame, the jailbreak wrapper, the imperative task. With it gone the prober cannot learn "this
+    source's style means harmful" — the shortcut that fails on a source it has never seen."""
+    x = np.asarray(x, np.float64)
+    scale = 1.0 / (x.std(0) + 1e-6)
+    z = (x - x.mean(0)) * scale
+    spread = []
+    for c in np.unique(labels):
+        names = np.unique(sources[labels == c])
+        if len(names) > 1:
+            means = np.stack([z[(labels == c) & (sources == s)].mean(0) for s in names])
+            spread.append(means - means.mean(0))
+    if not spread or k <= 0:
+        return np.diag(scale)
+    _, sv, vt = np.linalg.svd(np.concatenate(spread), full_matrices=False)
+    v = vt[:k][sv[:k] > 1e-6 * sv.max()]
+    return np.diag(scale) @ (np.eye(len(scale)) - v.T @ v)
 
 
 def auroc(risk: np.ndarray, y: np.ndarray) -> float:

@@ -88,6 +88,8 @@ class ReferenceGuard:
         t_first = None
         while True:
             logits = self.head(h @ self.transform if fired else h)
+            if fired and not tokens:      # a refusal is never empty: it cannot end the turn at once
+                logits[list(self.stop_ids)] = float("-inf")
             token = sample(logits, s, g)
             t_first = t_first or time.perf_counter()
             if token in self.stop_ids:
