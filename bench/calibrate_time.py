@@ -24,12 +24,12 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "steerguard.cli", "--threads", str(args.threads), "calibrate",
+        r = subprocess.run([sys.executable, "-m", "steerguard", "--threads", str(args.threads), "calibrate",
                             "demo", "-o", str(Path(tmp) / "guard")], capture_output=True, text=True)
         seconds = time.perf_counter() - t
-    if r.returncode:
+    if r.returncode or "written to" not in r.stdout:
         print(r.stderr, file=sys.stderr)
-        return r.returncode
+        return r.returncode or 1
     report = (f"steerguard calibrate demo: {seconds:.0f} s ({seconds / 60:.1f} min) wall, {args.threads} threads, "
               f"target < 15 min\nmachine: {platform.machine()} {os.cpu_count()} cores, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n{r.stdout}")
