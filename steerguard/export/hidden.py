@@ -6,8 +6,9 @@ engine sees at prefill."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +75,26 @@ class _Reached(Exception):
     """Raised by the hook on layer `upto`: the states past it are not needed."""
 
 
+@contextmanager
+def _stopping_before(decoder, layer: int | None) -> Iterator[list]:
+    """While active, a forward pass stops at decoder layer `layer` (None: runs through) by raising
+    `_Reached`; the state entering that layer is appended to the yielded list."""
+    reached: list = []
+    if layer is None:
+        yield reached
+        return
+
+    def stop(module, args, kwargs):
+        reached.append(args[0] if args else kwargs["hidden_states"])
+        raise _Reached
+
+    hook = decoder.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        yield reached
+    finally:
+        hook.remove()
+
+
 @torch.inference_mode()
 def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int = 16,
                           progress: bool | str = False, processor=None, upto: int | None = None) -> HiddenStates:
@@ -108,21 +129,10 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
         mean[i] = states[:, prefix:].mean(1).numpy()
         bar.update(1)
     texts = [i for i in order if isinstance(prompts[i], str)]
-    reached: list = []
-    if upto is not None and upto < n_layers:
-        def stop_at(module, args, kwargs):
-            reached.append(args[0] if args else kwargs["hidden_states"])
-            raise _Reached
-        hook = decoder.layers[upto].register_forward_pre_hook(stop_at, with_kwargs=True)
-    else:
-        hook = None
-    try:
+    with _stopping_before(decoder, upto if upto is not None and upto < n_layers else None) as reached:
         for start in range(0, len(texts), batch_size):
             _text_batch(decoder, ids, texts[start:start + batch_size], pad, prefix, last, mean, upto, reached)
             bar.update(min(batch_size, len(texts) - start))
-    finally:
-        if hook is not None:
-            hook.remove()
     bar.close()
     return HiddenStates(last=last, mean=mean, lengths=np.array([len(x) for x in ids]))
 
