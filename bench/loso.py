@@ -140,10 +140,10 @@ def main() -> None:
     # time, the other side teaches the prober that this frame means the opposite label. Also report
     # the whole data set held out, the way a user's requests are absent from calibration.
     whole = train("vlsafe", "vlsafe_safe")
-    whole_vlsafe = {k: float((~(whole.risk(feats[k]) < whole.tau)).mean()) for k in ("vlsafe", "vlsafe_safe")}
+    whole_vlsafe = {k: float(whole.fires(feats[k]).mean()) for k in ("vlsafe", "vlsafe_safe")}
 
     final = train()
-    never = {k: float((~(final.risk(v) < final.tau)).mean()) for k, v in extra.items()}
+    never = {k: float(final.fires(v).mean()) for k, v in extra.items()}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or ''}"
               f" {__import__('os').cpu_count()} cores", "model": lm.name, "layer": layer,
               "sas_best_layer": sas.best_layer, "sas_max": max(sas.scores), "feature": cfg.feature,

@@ -121,7 +121,6 @@ class GuardedModel:
         self.tokenizer = ChatTokenizer(manifest.path(t["file"]), manifest.path(t["config"]),
                                        manifest.path(t["chat_template"]))
         self.stop_ids = set(manifest.data["generation"]["stop_token_ids"])
-        self.stop_list = sorted(self.stop_ids)
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "cpu", threads: int | None = None,
@@ -333,7 +332,7 @@ class GuardedModel:
         while True:
             logits = self.next_logits(hidden, fired, step if n_steps else None)
             if not n_steps and fired.any():     # a refusal is never empty: it cannot end the turn at once
-                logits[np.ix_(fired, self.stop_list)] = -np.inf
+                logits[np.ix_(fired, list(self.stop_ids))] = -np.inf
             nxt = np.array([sample(logits[r], s, rngs[r]) if reasons[r] is None else 0 for r in range(batch)])
             t_first = t_first or time.perf_counter()
             for r in range(batch):
