@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .errors import SteerguardError
+from .export.prober import DEFAULT_FEATURE
 
 class Group(click.Group):
     """Turns SteerguardError (and a few expected failures) into one line and exit code 2."""
@@ -103,8 +104,11 @@ def _torch_threads() -> None:
 @click.option("--benign", "benign_files", multiple=True, help="Extra benign prompts FILE[:COLUMN]. Repeatable.")
 @click.option("--no-defaults", is_flag=True, help="Do not add the shipped calibration data.")
 @click.option("--layer", type=int, default=None, help="Split layer (default: argmax of SAS).")
-@click.option("--feature", type=click.Choice(["last", "mean"]), default="last", show_default=True,
-              help="Prober input: mean over the user's tokens, or the last prompt token, at the split layer.")
+@click.option("--feature", type=click.Choice(["max", "last", "mean"]), default=DEFAULT_FEATURE,
+              show_default=True,
+              help="Prober input at the split layer: every token of the user's turn, scored one by one, the "
+                   "highest risk counting (max); the last prompt token (last, the paper's prober); or the mean "
+                   "over the user's tokens (mean, not exportable).")
 @click.option("--max-per-source", type=int, default=400, show_default=True, help="Rows drawn from each source.")
 @click.option("--refusal-targets", type=int, default=300, show_default=True)
 @click.option("--refusal-epochs", type=int, default=8, show_default=True)

@@ -131,3 +131,34 @@ def test_source_erasure_removes_the_style_that_tells_sources_apart():
     assert np.abs(erased.risk(shifted) - erased.risk(probe)).mean() < 0.05
     assert np.abs(free.risk(shifted) - free.risk(probe)).mean() > 0.1
     assert np.allclose(source_erasure(x, y, src, k=0), np.diag(1 / (x.std(0) + 1e-6)))
+
+
+def prompts_with_one_risky_token(n: int, harmful: bool, rng, d: int = 16) -> list[np.ndarray]:
+    """Token states of n prompts (3-11 tokens); a harmful prompt has one token somewhere that carries
+    the harm, and its last token looks like any other."""
+    out = []
+    for _ in range(n):
+        t = rng.normal(size=(rng.integers(3, 12), d)).astype(np.float32) * 2 + 5
+        if harmful:
+            t[rng.integers(len(t) - 1), 0] += 8.0
+        out.append(t)
+    return out
+
+
+def test_a_max_prober_finds_the_one_risky_token_the_last_token_prober_cannot_see():
+    rng = np.random.default_rng(0)
+    train = prompts_with_one_risky_token(300, True, rng) + prompts_with_one_risky_token(300, False, rng)
+    test = prompts_with_one_risky_token(200, True, rng) + prompts_with_one_risky_token(200, False, rng)
+    y, y_test = np.repeat([1, 0], 300), np.repeat([1, 0], 200)
+    per_token = Prober.train(train, y, layer=3, feature="max", seed=1)
+    again = Prober.train(train, y, layer=3, feature="max", seed=1)
+    np.testing.assert_array_equal(per_token.w1, again.w1)
+    last = Prober.train(np.stack([t[-1] for t in train]), y, layer=3, feature="last", seed=1)
+    assert auroc(per_token.prompt_risk(test), y_test) > 0.9
+    assert auroc(last.risk(np.stack([t[-1] for t in test])), y_test) < 0.65
+    # a prompt's risk is its riskiest token's, and a non-finite token fires the guard
+    risks = per_token.prompt_risk(test[:3])
+    assert np.allclose(risks, [per_token.risk(t).max() for t in test[:3]])
+    broken = [t.copy() for t in test[200:203]]
+    broken[1][0, 4] = np.nan
+    assert per_token.fires(broken)[1] and np.isnan(per_token.prompt_risk(broken)[1])

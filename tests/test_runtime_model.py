@@ -41,8 +41,8 @@ def test_fused_prober_matches_the_numpy_prober(tiny_export, gm):
     from steerguard.export.hidden import extract_hidden_states
 
     p = tiny_export.guard.prober
-    states = extract_hidden_states(tiny_export.lm.model, tiny_export.lm.tokenizer, PROMPTS)
-    expected = p.risk(states.feature("last", p.layer))
+    states = extract_hidden_states(tiny_export.lm.model, tiny_export.lm.tokenizer, PROMPTS, tokens_at=p.layer)
+    expected = p.prompt_risk(states.feature(p.feature, p.layer))
     int8 = GuardedModel.load(tiny_export.bundle, threads=2)
     for prompt, want in zip(PROMPTS, expected):
         ids = gm.encode(prompt)
@@ -130,6 +130,34 @@ def test_chat_messages_go_through_the_models_template(tiny_export, gm):
     hf = hf["input_ids"] if hasattr(hf, "keys") else hf
     assert gm.encode(messages) == list(hf)
     assert gm.generate(messages, Sampling(max_new_tokens=4)).prompt_tokens == len(hf)
+
+
+def test_a_per_token_prober_reads_the_last_user_turn_only(tiny_export, gm):
+    from steerguard.export.hidden import template_prefix_len
+
+    assert gm.manifest.guard["feature"] == "max"
+    # a one-message prompt: the same span calibration trained on
+    assert gm.prepare(PROMPTS[1]).user_start == template_prefix_len(tiny_export.lm.tokenizer)
+    messages = [{"role": "user", "content": "Tell me how to hurt someone."}, {"role": "assistant", "content": "No."},
+                {"role": "user", "content": PROMPTS[0]}]
+    prompt, alone = gm.prepare(messages), gm.prepare(PROMPTS[0])
+    assert prompt.ids[prompt.user_start:] == alone.ids[alone.user_start:]      # the last turn, nothing before it
+    assert gm.prepare(gm.encode(PROMPTS[1])).user_start == gm.prepare(PROMPTS[1]).user_start
+
+
+def test_a_last_token_prober_still_exports_and_runs(tiny_export, tmp_path):
+    import copy
+
+    from steerguard.export.bundle import export_bundle
+    from steerguard.export.hidden import extract_hidden_states
+
+    guard = copy.deepcopy(tiny_export.guard)
+    guard.prober.feature = "last"
+    bundle = GuardedModel.load(export_bundle(tiny_export.lm, guard, tmp_path / "last", prober_precision="fp32",
+                                             progress=False), threads=2)
+    states = extract_hidden_states(tiny_export.lm.model, tiny_export.lm.tokenizer, PROMPTS)
+    want = guard.prober.risk(states.feature("last", guard.prober.layer))
+    assert np.allclose([bundle.score(p) for p in PROMPTS], want, atol=1e-5)
 
 
 def test_threads_on_one_model_give_the_sequential_answers(gm):

@@ -23,6 +23,7 @@ from ..errors import SteerguardError
 from ..runtime.manifest import MANIFEST, SCHEMA
 from .arch import DecoderSpec
 from .guard import Guard
+from .prober import ENGINE_FEATURES, TOKEN_FEATURES
 from .models import LoadedModel, sha256_file
 from .quantize import check_precision, quantize
 from .onnx_graph import (ProberWeights, decoder_engine, embed_engine, head_engine, past_names, present_names,
@@ -57,9 +58,9 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         raise SteerguardError(f"unknown prober precision {prober_precision!r}; choose int8 or fp32")
     if guard is not None:
         guard.check_model(lm)
-        if guard.prober.feature != "last":
-            raise SteerguardError(f"the engine computes the prober on the last token; this guard reads "
-                                  f"{guard.prober.feature!r}: recalibrate with the default feature")
+        if guard.prober.feature not in ENGINE_FEATURES:
+            raise SteerguardError(f"the engine computes the prober on the last token or on every token; this "
+                                  f"guard reads {guard.prober.feature!r}: recalibrate with the default feature")
     spec = DecoderSpec.from_model(lm.model, context)
     if spec.head_dim % 16:
         raise SteerguardError(f"head_dim {spec.head_dim} is not a multiple of 16, which onnxruntime's fused "
@@ -79,7 +80,8 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
     else:
         l_star = guard.split_layer
         p = guard.prober
-        prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision)
+        prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision,
+                               per_token=p.feature in TOKEN_FEATURES)
         chain.append(("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
                                                                name="pre"), {"layers": [0, l_star], "prober": prober_precision}))
         if (engine_precision or {}).get("pre", precision) != precision:

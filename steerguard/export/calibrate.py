@@ -14,7 +14,7 @@ from .augment import augment_pairs
 from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
 from .guard import Guard
 from .hidden import extract_hidden_states
-from .prober import Prober, auroc, pair_subspace, source_erasure
+from .prober import DEFAULT_FEATURE, TOKEN_FEATURES, Prober, auroc, pair_subspace, source_erasure
 from .refusal import RefusalHead, closed_refusal
 from .sas import MIN_PAIRS, SASResult
 
@@ -49,7 +49,7 @@ class CalibrationData:
 @dataclass
 class CalibrationConfig:
     layer: int | None = None            # None: argmax SAS
-    feature: str = "last"               # prober input, see prober.FEATURES
+    feature: str = DEFAULT_FEATURE      # prober input, see prober.FEATURES
     max_per_source: int = 400           # pairs / prompts drawn from each source (seeded)
     val_fraction: float = 0.2           # held back to calibrate tau and report metrics
     max_fpr: float | None = None        # None: tau maximises Youden's J on validation; else caps the false-fire rate
@@ -61,6 +61,7 @@ class CalibrationConfig:
     batch_size: int = 16
     pair_subspace: int | None = None    # k: the prober reads only the pairs' top-k difference directions
     erase_sources: int = 4              # k: remove the top-k directions that tell same-class sources apart
+    sas_pairs_per_source: int = 100     # training pairs per source that SAS runs through every layer
 
 
 def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
@@ -75,26 +76,26 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     pairs, texts, labels, sources, val = table.pairs, table.texts, table.labels, table.sources, table.val
     rng = random.Random(cfg.seed + 1)
 
-    # SAS needs every layer, but only on the plain pairs; the rest (styled copies, extra prompt sets)
-    # only feeds the prober, so it runs through the layers before the split and stops there
+    # SAS needs every layer, but a sample of the plain pairs pins it down (its argmax is the same with 100
+    # or all 400 pairs per source); every prompt then runs only through the layers before the split
     t = time.perf_counter()
-    n_plain = 2 * table.plain_pairs
-    hs = extract_hidden_states(lm.model, lm.tokenizer, texts[:n_plain], cfg.batch_size,
-                               progress and "hidden states (pairs, every layer)", processor=lm.processor)
-    plain_train = ~val[:n_plain:2]
-    sas = SASResult.compute(hs.last[0::2][plain_train], hs.last[1::2][plain_train])
+    sas_rows = table.sas_pairs(cfg.sas_pairs_per_source, random.Random(cfg.seed + 3))
+    hs = extract_hidden_states(lm.model, lm.tokenizer, [texts[i + side] for i in sas_rows for side in (0, 1)],
+                               cfg.batch_size, progress and "hidden states (SAS pairs, every layer)",
+                               processor=lm.processor)
+    sas = SASResult.compute(hs.last[0::2], hs.last[1::2])
     layer = cfg.layer if cfg.layer is not None else sas.best_layer
-    rest = extract_hidden_states(lm.model, lm.tokenizer, texts[n_plain:], cfg.batch_size,
-                                 progress and f"hidden states (the rest, up to layer {layer})",
-                                 processor=lm.processor, upto=layer)
+    tokens = cfg.feature in TOKEN_FEATURES
+    states = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size,
+                                   progress and f"hidden states (every prompt, up to layer {layer})",
+                                   processor=lm.processor, upto=layer, tokens_at=layer if tokens else None)
     timings["hidden_states_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    feats = np.concatenate([hs.feature(cfg.feature, layer), rest.feature(cfg.feature, layer)])
-    n = 2 * len(pairs)
+    last, n = states.last[:, layer], 2 * len(pairs)
     pair_train = ~val[:n:2]
-    prober = fit_prober(feats, labels, sources, val, layer, cfg,
-                        pairs=(feats[0:n:2][pair_train], feats[1:n:2][pair_train]))
+    prober = fit_prober(states.feature(cfg.feature, layer), labels, sources, val, layer, cfg,
+                        pairs=(last[0:n:2][pair_train], last[1:n:2][pair_train]), last=last)
     timings["prober_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -153,19 +154,35 @@ class CalibrationTable:
         val = _validation_mask(len(pairs), len(texts), cfg.val_fraction, rng)
         return cls(pairs, texts, np.array(labels), np.array(sources), val, plain_pairs)
 
+    def sas_pairs(self, per_source: int, rng: random.Random) -> list[int]:
+        """Rows of the harmful sides of up to `per_source` plain training pairs from each source (the
+        benign side is the next row)."""
+        by_source: dict = defaultdict(list)
+        for k, p in enumerate(self.pairs[:self.plain_pairs]):
+            if not self.val[2 * k]:
+                by_source[p.source].append(2 * k)
+        rows = [r for src in sorted(by_source) for r in
+                (rng.sample(by_source[src], per_source) if len(by_source[src]) > per_source else by_source[src])]
+        return sorted(rows)
 
-def fit_prober(feats: np.ndarray, labels: np.ndarray, sources: np.ndarray, val: np.ndarray, layer: int,
-               cfg: CalibrationConfig, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> Prober:
-    """Train on the rows outside `val` (sources weighted equally), pick tau on `val`, record metrics.
-    `pairs` (harmful, benign features of the training pairs) span the prober's subspace when
-    `cfg.pair_subspace` asks for one."""
+
+def fit_prober(feats, labels: np.ndarray, sources: np.ndarray, val: np.ndarray, layer: int,
+               cfg: CalibrationConfig, pairs: tuple[np.ndarray, np.ndarray] | None = None,
+               last: np.ndarray | None = None) -> Prober:
+    """Train on the prompts outside `val` (sources weighted equally), pick tau on `val`, record metrics.
+    `feats`: the prober's input per prompt (see HiddenStates.feature); `last`: their last-token states
+    (default `feats`), from which the source-erasure map is computed; `pairs` (harmful, benign last-token
+    states of the training pairs) span the prober's subspace when `cfg.pair_subspace` asks for one. Both
+    maps act on any state of the layer, so a per-token prober uses them as they are."""
+    last = feats if last is None else last
+    train = ~val
     subspace = pair_subspace(*pairs, cfg.pair_subspace) if cfg.pair_subspace and pairs is not None else None
-    erase = (source_erasure(feats[~val], labels[~val], sources[~val], cfg.erase_sources)
+    erase = (source_erasure(last[train], labels[train], sources[train], cfg.erase_sources)
              if cfg.erase_sources else None)
-    prober = Prober.train(feats[~val], labels[~val], layer, cfg.feature,
-                          weights=source_balanced_weights(labels[~val], sources[~val]), seed=cfg.seed,
+    prober = Prober.train(feats[train], labels[train], layer, cfg.feature,
+                          weights=source_balanced_weights(labels[train], sources[train]), seed=cfg.seed,
                           subspace=subspace, erase=erase)
-    risk = prober.risk(feats[val])
+    risk = prober.prompt_risk(feats[val])
     prober.tau = calibrate_tau(risk, labels[val], cfg.max_fpr)
     prober.metrics = prober_metrics(risk, labels[val], sources[val], prober.tau)
     return prober

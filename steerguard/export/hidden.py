@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..runtime.chat import content_start
+from .prober import TOKEN_FEATURES
+
 
 def chat_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     """Token ids of `prompt` as a user turn, chat template applied, generation prompt added."""
@@ -25,23 +28,27 @@ def chat_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
 
 def template_prefix_len(tokenizer) -> int:
     """Tokens the chat template puts before every user message (system prompt, role markers)."""
-    a, b = chat_ids(tokenizer, "alpha"), chat_ids(tokenizer, "omega beta")
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return content_start(lambda content: chat_ids(tokenizer, content))
 
 
 @dataclass
 class HiddenStates:
     """`last[i, l]` = h_l at prompt i's last token, for l = 0..N (index N has the final norm applied).
-    `mean[i, l]` = h_l averaged over the tokens after the template prefix (user text + generation prompt)."""
+    `mean[i, l]` = h_l averaged over the tokens after the template prefix (user text + generation prompt).
+    `tokens[i]` = h_{tokens_layer} at each of those tokens, (t_i, d), when asked for."""
     last: np.ndarray   # (n, N + 1, d) float32
     mean: np.ndarray   # (n, N + 1, d) float32
     lengths: np.ndarray  # (n,) prompt lengths in tokens
+    tokens: np.ndarray | None = None   # (n,) object array of (t_i, d) float32
+    tokens_layer: int | None = None
 
     def feature(self, kind: str, layer: int) -> np.ndarray:
-        """The prober's input: `kind` "last" or "mean" (see prober.FEATURES) at `layer`, (n, d)."""
+        """The prober's input at `layer` (see prober.FEATURES): (n, d) rows for "last" and "mean", the
+        n per-token arrays for a token feature."""
+        if kind in TOKEN_FEATURES:
+            if self.tokens is None or self.tokens_layer != layer:
+                raise ValueError(f"token states at layer {layer} were not extracted")
+            return self.tokens
         return (self.last if kind == "last" else self.mean)[:, layer]
 
 
@@ -97,12 +104,16 @@ def _stopping_before(decoder, layer: int | None) -> Iterator[list]:
 
 @torch.inference_mode()
 def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int = 16,
-                          progress: bool | str = False, processor=None, upto: int | None = None) -> HiddenStates:
+                          progress: bool | str = False, processor=None, upto: int | None = None,
+                          tokens_at: int | None = None) -> HiddenStates:
     """Run the decoder (no LM head) over `prompts` in length-sorted, right-padded batches.
     Right padding keeps positions and the causal mask exact, so a batched state equals the
     state of the prompt run alone (up to float rounding). Image prompts (`data.ImagePrompt`) go one
     at a time through the whole multimodal model, as its processor prepares them. With `upto`, text
-    prompts run only through the layers before it and only `h_upto` is filled in (the others stay 0)."""
+    prompts run only through the layers before it and only `h_upto` is filled in (the others stay 0).
+    With `tokens_at`, the states of every token after the template prefix at that layer are kept too."""
+    if upto is not None and tokens_at is not None and tokens_at != upto:
+        raise ValueError("with `upto`, token states exist only at that layer")
     images = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if images and processor is None:
         from ..errors import SteerguardError
@@ -117,6 +128,7 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
     n_layers, d = cfg.num_hidden_layers, cfg.hidden_size
     last = np.zeros((len(ids), n_layers + 1, d), np.float32)
     mean = np.zeros_like(last)
+    tokens = None if tokens_at is None else np.empty(len(ids), object)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     bar = tqdm(total=len(ids), desc=progress if isinstance(progress, str) else "hidden states",
@@ -127,19 +139,24 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
         states = torch.stack(model(**inputs, output_hidden_states=True, use_cache=False).hidden_states, 1)[0].float()
         last[i] = states[:, -1].numpy()
         mean[i] = states[:, prefix:].mean(1).numpy()
+        if tokens is not None:
+            tokens[i] = states[tokens_at, prefix:].numpy()
         bar.update(1)
     texts = [i for i in order if isinstance(prompts[i], str)]
     with _stopping_before(decoder, upto if upto is not None and upto < n_layers else None) as reached:
         for start in range(0, len(texts), batch_size):
-            _text_batch(decoder, ids, texts[start:start + batch_size], pad, prefix, last, mean, upto, reached)
+            _text_batch(decoder, ids, texts[start:start + batch_size], pad, prefix, last, mean, upto, reached,
+                        tokens, tokens_at)
             bar.update(min(batch_size, len(texts) - start))
     bar.close()
-    return HiddenStates(last=last, mean=mean, lengths=np.array([len(x) for x in ids]))
+    return HiddenStates(last=last, mean=mean, lengths=np.array([len(x) for x in ids]), tokens=tokens,
+                        tokens_layer=tokens_at)
 
 
 def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int, last: np.ndarray,
-                mean: np.ndarray, upto: int | None, reached: list) -> None:
-    """One right-padded batch of text prompts: fill `last` and `mean` for its rows."""
+                mean: np.ndarray, upto: int | None, reached: list, tokens: np.ndarray | None = None,
+                tokens_at: int | None = None) -> None:
+    """One right-padded batch of text prompts: fill `last`, `mean` (and `tokens`) for its rows."""
     batch = np.array(batch)
     lengths = [len(ids[i]) for i in batch]
     input_ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)
@@ -159,3 +176,7 @@ def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int,
     user[:, :prefix] = 0
     w = (user / user.sum(1, keepdim=True).clamp(min=1))[:, None, :, None]
     mean[batch, layers] = (states * w).sum(2).numpy()
+    if tokens is not None:
+        at = states[:, tokens_at if layers == slice(None) else 0].numpy()     # (b, T, d)
+        for row, i in enumerate(batch):
+            tokens[i] = at[row, prefix:lengths[row]].copy()

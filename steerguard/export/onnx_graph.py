@@ -97,6 +97,7 @@ class ProberWeights:
     w2: np.ndarray
     b2: np.ndarray
     precision: str = "int8"   # or "fp32"
+    per_token: bool = False   # risk of every position (batch, sequence) instead of the last one's (batch,)
 
 
 def quantize_prober_w1(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,10 +117,12 @@ def dequantized_prober_w1(w1: np.ndarray) -> np.ndarray:
 
 
 def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
-    """risk = sigmoid(l1 - l0) of the MLP on the last position, NaN whenever that state is not finite.
-    Few nodes: it runs on every decode step too, where its output is not needed."""
+    """risk = sigmoid(l1 - l0) of the MLP on the last position (or on every position), NaN whenever that
+    state is not finite. Few nodes: it runs on every decode step too, where its output is not needed."""
     g.scope = "prober/"   # lets the weight quantizer leave these nodes alone
-    x = g.one("Gather", [hidden, g.const("prober/last", np.array(-1, np.int64))], axis=1)      # (B, d)
+    # (B, T, d) for a per-token risk, else the last position (B, d); the MLP broadcasts over either
+    x = hidden if p.per_token else g.one("Gather", [hidden, g.const("prober/last", np.array(-1, np.int64))], axis=1)
+    feature_axis = np.array([2 if p.per_token else 1], np.int64)
     if p.precision == "int8":
         q, row, col = quantize_prober_w1(p.w1)
         w1 = g.one("DequantizeLinear", [g.const("prober/w1_int8", q), g.const("prober/w1_scale", col)], axis=1)
@@ -130,11 +133,11 @@ def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
     # l1 - l0 in one (hidden, 1) matmul; kept 2-D until the end (ORT mis-infers a 1-D MatMul + Add here)
     w2 = (p.w2[:, 1:] - p.w2[:, :1]).astype(np.float32)
     margin = g.one("Add", [g.one("MatMul", [h, g.const("prober/w2_margin", w2)]),
-                           g.const("prober/b2_margin", np.array([p.b2[1] - p.b2[0]], np.float32))])   # (B, 1)
+                           g.const("prober/b2_margin", np.array([p.b2[1] - p.b2[0]], np.float32))])   # (B, [T,] 1)
     # sum(x) * 0 is NaN exactly when x holds a NaN or an inf; Relu would otherwise turn a NaN into 0
-    poison = g.one("Mul", [g.one("ReduceSum", [x, g.const("prober/axes", np.array([1], np.int64))], keepdims=1),
+    poison = g.one("Mul", [g.one("ReduceSum", [x, g.const("prober/axes", feature_axis)], keepdims=1),
                            g.const("prober/zero", np.array(0, np.float32))])
-    g.op("Squeeze", [g.one("Sigmoid", [g.one("Add", [margin, poison])]), g.const("prober/axis1", np.array([1], np.int64))],
+    g.op("Squeeze", [g.one("Sigmoid", [g.one("Add", [margin, poison])]), g.const("prober/squeeze", feature_axis)],
          outputs=["risk"])
     g.scope = ""
     return "risk"
@@ -201,7 +204,7 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
         g.output("hidden_states", f32, ["batch", "sequence_length", d])
     if prober is not None:
         _prober(g, "hidden_states", prober)
-        g.output("risk", f32, ["batch"])
+        g.output("risk", f32, ["batch", "sequence_length"] if prober.per_token else ["batch"])
     return g.model()
 
 

@@ -1,4 +1,10 @@
-"""The safety prober: a d -> 64 -> 2 MLP on a split-point feature, risk = p(harmful).
+"""The safety prober: a d -> 64 -> 2 MLP on split-point states, risk = p(harmful).
+
+It reads either the last prompt token's state (`last`, the paper's prober) or every token of the user's
+turn (`max`): the MLP scores each token and the prompt's risk is the highest token risk. `max` is
+trained as a multiple-instance classifier: a harmful prompt needs one risky token, a benign prompt none.
+Harm carried by a few words (a slur in an image caption, a request buried in a jailbreak wrapper) then
+does not have to survive into the last token's state.
 
 Training needs torch; `risk` is plain numpy (the runtime computes the same thing inside the `pre`
 engine). Input standardisation is folded into the first layer on export."""
@@ -13,7 +19,10 @@ import numpy as np
 
 from ..errors import SteerguardError
 
-FEATURES = ("last", "mean")  # last prompt token, or mean over the user's tokens
+FEATURES = ("last", "mean", "max")  # last prompt token, mean over the user's tokens, max risk over them
+TOKEN_FEATURES = ("max",)             # features read from every token of the user's turn
+ENGINE_FEATURES = ("last", "max")     # what the `pre` engine can compute
+DEFAULT_FEATURE = "max"
 
 
 @dataclass
@@ -34,17 +43,29 @@ class Prober:
             logits = h @ self.w2 + self.b2
             return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
 
-    def fires(self, x: np.ndarray) -> np.ndarray:
-        r = self.risk(x)
-        return ~(r < self.tau)  # NaN counts as risky
+    def prompt_risk(self, x) -> np.ndarray:
+        """p(harmful) per prompt: `risk` of its feature row, or for a token feature the highest risk among
+        its tokens (`x`: a sequence of (t_i, d) arrays). NaN stays NaN."""
+        if self.feature not in TOKEN_FEATURES:
+            return self.risk(x)
+        lengths = np.array([len(t) for t in x])
+        if (lengths == 0).any():
+            raise SteerguardError("a prompt has no tokens for the prober to read")
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        return np.maximum.reduceat(self.risk(np.concatenate(list(x))), starts)
+
+    def fires(self, x) -> np.ndarray:
+        return ~(self.prompt_risk(x) < self.tau)  # NaN counts as risky
 
     @classmethod
-    def train(cls, x: np.ndarray, y: np.ndarray, layer: int, feature: str = "last",
-              weights: np.ndarray | None = None, hidden: int = 64, epochs: int = 300,
+    def train(cls, x, y: np.ndarray, layer: int, feature: str = "last",
+              weights: np.ndarray | None = None, hidden: int = 64, epochs: int | None = None,
               lr: float = 3e-3, weight_decay: float = 1e-2, seed: int = 0,
               subspace: np.ndarray | None = None, erase: np.ndarray | None = None) -> "Prober":
-        """Full-batch AdamW on (weighted) cross-entropy. Deterministic for a given seed. With `subspace`
-        (k, d orthonormal rows, see `pair_subspace`) the MLP reads only the features' coordinates in it;
+        """AdamW on (weighted) cross-entropy, deterministic for a given seed: full batch on feature rows
+        `x` (n, d) for 300 epochs, or for a token feature on the highest token margin of each prompt
+        (`x`: n arrays (t_i, d)) in length-sorted minibatches for 10 epochs. With `subspace` (k, d
+        orthonormal rows, see `pair_subspace`) the MLP reads only the features' coordinates in it;
         with `erase` (a d x d map, see `source_erasure`) it reads the features after that map. Both are
         folded into the first layer, so the exported prober keeps its d -> hidden shape."""
         import torch
@@ -53,19 +74,27 @@ class Prober:
             raise SteerguardError(f"unknown prober feature {feature!r}; choose one of {', '.join(FEATURES)}")
         if len(np.unique(y)) < 2:
             raise SteerguardError("the prober needs both harmful and benign examples")
-        x = x.astype(np.float64)
-        centre = x.mean(0)
+        tokens = feature in TOKEN_FEATURES
+        lengths = np.array([len(t) for t in x]) if tokens else None
+        # token states run to millions of rows: float32, updated in place, statistics in chunks
+        x = np.concatenate(list(x), dtype=np.float32) if tokens else np.array(x, np.float64)
+        centre, _ = _column_stats(x)
         proj = np.eye(x.shape[1]) if subspace is None else np.asarray(subspace, np.float64).T     # (d, m)
         if erase is not None:
             proj = np.asarray(erase, np.float64) @ proj
-        x = (x - centre) @ proj
-        mu, sd = x.mean(0), x.std(0) + 1e-6
+        x -= centre.astype(x.dtype)
+        if subspace is not None or erase is not None:
+            x = x @ proj.astype(x.dtype)
+        mu, sd = _column_stats(x)
+        sd += 1e-6
+        x -= mu.astype(x.dtype)
+        x /= sd.astype(x.dtype)
         g = torch.Generator().manual_seed(seed)
-        xt = torch.tensor((x - mu) / sd, dtype=torch.float32)
-        yt = torch.tensor(y, dtype=torch.long)
+        xt = torch.from_numpy(x.astype(np.float32, copy=False))
+        del x
         wt = torch.tensor(weights if weights is not None else np.ones(len(y)), dtype=torch.float32)
         wt = wt / wt.sum()
-        d = x.shape[1]
+        d = xt.shape[1]
         lin1, lin2 = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, 2)
         for lin in (lin1, lin2):
             torch.nn.init.normal_(lin.weight, std=(1 / lin.in_features) ** 0.5, generator=g)
@@ -73,13 +102,29 @@ class Prober:
         params = [*lin1.parameters(), *lin2.parameters()]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         drop = torch.nn.Dropout(0.2)
-        for _ in range(epochs):
-            torch.manual_seed(seed + _)
-            logits = lin2(drop(torch.relu(lin1(drop(xt)))))
-            loss = (torch.nn.functional.cross_entropy(logits, yt, reduction="none") * wt).sum()
+        mlp = lambda v: lin2(drop(torch.relu(lin1(drop(v)))))     # noqa: E731
+
+        def step(loss):
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+        if tokens:
+            batches = _padded_batches(xt, lengths, torch.tensor(y, dtype=torch.float32), wt * len(y))
+            del xt
+            order = np.random.default_rng(seed)
+            for epoch in range(epochs or 10):
+                torch.manual_seed(seed + epoch)
+                for i in order.permutation(len(batches)):
+                    states, mask, yb, wb = batches[i]
+                    margin = mlp(states).diff(dim=-1)[..., 0].masked_fill(~mask, float("-inf")).amax(1)
+                    step((torch.nn.functional.binary_cross_entropy_with_logits(margin, yb, reduction="none")
+                          * wb).sum() / len(y))
+        else:
+            yt = torch.tensor(y, dtype=torch.long)
+            for epoch in range(epochs or 300):
+                torch.manual_seed(seed + epoch)
+                step((torch.nn.functional.cross_entropy(mlp(xt), yt, reduction="none") * wt).sum())
         w1 = lin1.weight.detach().double().numpy().T       # (k, hidden)
         b1 = lin1.bias.detach().double().numpy()
         # fold projection and standardisation: (((x - c) @ P - mu) / sd) @ w1 + b1
@@ -101,6 +146,39 @@ class Prober:
         with np.load(folder / "prober.npz") as w:
             return cls(layer=meta["layer"], feature=meta["feature"], tau=meta["tau"], metrics=meta["metrics"],
                        w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"])
+
+
+def _column_stats(x: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations in float64, a chunk of rows at a time (no full-size temporaries)."""
+    total = np.zeros(x.shape[1])
+    for k in range(0, len(x), chunk):
+        total += x[k:k + chunk].sum(0, dtype=np.float64)
+    mean = total / len(x)
+    sq = np.zeros(x.shape[1])
+    for k in range(0, len(x), chunk):
+        sq += ((x[k:k + chunk] - mean) ** 2).sum(0)
+    return mean, np.sqrt(sq / len(x))
+
+
+def _padded_batches(states, lengths: np.ndarray, y, w, size: int = 128) -> list[tuple]:
+    """Prompts' token states (concatenated rows) as right-padded (b, t, d) batches of similar length,
+    with their token masks, labels and weights."""
+    import torch
+
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    order = np.argsort(lengths, kind="stable")
+    batches = []
+    for k in range(0, len(order), size):
+        rows = order[k:k + size]
+        t = int(lengths[rows].max())
+        padded = states.new_zeros((len(rows), t, states.shape[1]))
+        mask = torch.zeros((len(rows), t), dtype=torch.bool)
+        for r, i in enumerate(rows):
+            padded[r, :lengths[i]] = states[starts[i]:starts[i] + lengths[i]]
+            mask[r, :lengths[i]] = True
+        index = torch.from_numpy(rows)
+        batches.append((padded, mask, y[index], w[index]))
+    return batches
 
 
 def pair_subspace(harmful: np.ndarray, benign: np.ndarray, k: int) -> np.ndarray:

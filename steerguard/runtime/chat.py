@@ -4,8 +4,11 @@ rendering the way transformers' `apply_chat_template` does; and token ids -> tex
 from __future__ import annotations
 
 import datetime
+import functools
+import itertools
 import json
 from pathlib import Path
+from typing import Callable
 
 import jinja2
 import jinja2.ext
@@ -59,8 +62,34 @@ class ChatTokenizer:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.encode_chat([{"role": "user", "content": prompt}])
 
+    def user_turn_start(self, messages: list[Message]) -> int:
+        """Index of the token where the last user message's content begins (0 without one): where two
+        encodings that differ only in that content part ways."""
+        users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            return 0
+
+        def encode(content: str) -> list[int]:
+            probe = list(messages)
+            probe[users[-1]] = {"role": "user", "content": content}
+            return self.encode_chat(probe)
+        return content_start(encode)
+
+    @functools.cached_property
+    def prompt_start(self) -> int:
+        """`user_turn_start` of a one-message chat: the chat template's prefix."""
+        return self.user_turn_start([{"role": "user", "content": ""}])
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def content_start(encode: Callable[[str], list[int]]) -> int:
+    """Where a message's content begins in `encode(content)`: the shortest common prefix of a few probe
+    contents' encodings (one pair alone can share a first token, an unknown word in a small vocabulary)."""
+    probes = [encode(c) for c in ("", "alpha", "omega beta")]
+    return min(next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+               for x, y in itertools.combinations(probes, 2))
 
 
 def _is_content(content) -> bool:

@@ -34,6 +34,7 @@ class Prompt:
     image_rows: np.ndarray | None = None
     positions: np.ndarray | None = None    # (3, len(ids)) int64
     position_delta: int = 0                # added to the positions of the tokens generated after it
+    user_start: int = 0                    # where the last user turn's content begins (what a per-token prober reads)
 
 
 @dataclass
@@ -113,6 +114,8 @@ class GuardedModel:
         guard = manifest.guard
         self.tau = guard["tau"] if guard else None
         self.split_layer = guard["split_layer"] if guard else None
+        # a `max` prober scores every token; the request's risk is the highest over the last user turn
+        self.risk_per_token = bool(guard) and guard.get("feature") == "max"
         self.risk_engine = next((eng for eng, _ in self.decoders if "risk" in eng.output_names), None)
         if guard and (self.risk_engine is None or self.refusal is None):
             raise SteerguardError(f"{manifest.root}: the manifest has a guard but the engines lack the prober "
@@ -150,14 +153,16 @@ class GuardedModel:
         if isinstance(request, str):
             if not request.strip():
                 raise SteerguardError("the prompt is empty")
-            return Prompt(self.tokenizer.encode_prompt(request))
+            return Prompt(self.tokenizer.encode_prompt(request), user_start=self.tokenizer.prompt_start)
         if not request:
             raise SteerguardError("no chat messages given")
         if all(isinstance(t, (int, np.integer)) for t in request):
             ids = [int(t) for t in request]
             if min(ids) < 0 or max(ids) >= self.manifest.model["vocab_size"]:
                 raise SteerguardError("token ids out of the vocabulary's range")
-            return Prompt(ids)
+            start = self.tokenizer.prompt_start      # only when the ids open like a one-turn chat
+            same = ids[:start] == self.tokenizer.encode_prompt("alpha")[:start] and len(ids) > start
+            return Prompt(ids, user_start=start if same else 0)
         messages = list(request)
         if any(m.get("role") == "user" and isinstance(m.get("content"), str) and not m["content"].strip()
                for m in messages if isinstance(m, dict)):
@@ -165,7 +170,7 @@ class GuardedModel:
         images = [p.get("image") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                   for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
         if not images:
-            return Prompt(self.tokenizer.encode_chat(messages))
+            return Prompt(self.tokenizer.encode_chat(messages), user_start=self.tokenizer.user_turn_start(messages))
         if self.vision is None:
             raise SteerguardError(f"this bundle's model ({self.manifest.model['name']}) reads text only; "
                                   "remove the image or export a multimodal model")
@@ -175,8 +180,12 @@ class GuardedModel:
             raise SteerguardError(f"{len(images)} images given; this bundle's model ({self.manifest.model['name']}) "
                                   f"takes at most {self.vision.max_images} per request")
         pixels = [self.vision.prepare(im) for im in images]   # every image is read before anything runs
-        ids = self.vision.expand(self.tokenizer.encode_chat(
-            _without_pixels(messages, self.vision.spec.get("placeholder_text"))), pixels)
+        text_messages = _without_pixels(messages, self.vision.spec.get("placeholder_text"))
+        unexpanded = self.tokenizer.encode_chat(text_messages)
+        user_start = self.tokenizer.user_turn_start(text_messages)
+        if self.vision.image_token_id in unexpanded[:user_start]:
+            user_start = 0   # images in earlier turns move it; read the whole conversation instead
+        ids = self.vision.expand(unexpanded, pixels)
         if len(ids) >= self.context:
             raise SteerguardError(f"{len(images)} image(s) and the text take {len(ids)} tokens, more than the "
                                   f"model's context of {self.context}: send fewer or smaller images")
@@ -184,9 +193,9 @@ class GuardedModel:
         if filled.dtype == np.int64:   # image tokens of the text vocabulary: they replace the placeholders
             ids = np.asarray(ids)
             ids[ids == self.vision.image_token_id] = filled
-            prompt = Prompt(ids.tolist())
+            prompt = Prompt(ids.tolist(), user_start=user_start)
         else:
-            prompt = Prompt(ids, filled)
+            prompt = Prompt(ids, filled, user_start=user_start)
         if self.mrope is not None:
             prompt.positions, prompt.position_delta = self.vision.positions(ids, pixels)
         return prompt
@@ -236,7 +245,8 @@ class GuardedModel:
             values = {n: v.numpy() for n, v in zip(outs, b.get_outputs()[-len(outs):])}
             x = values.get("hidden_states", values.get("last_hidden_state"))
             if "risk" in values:
-                risk = float(values["risk"][0])
+                r = values["risk"][0]
+                risk = float(r[prompt.user_start:].max() if self.risk_per_token else r)   # NaN stays NaN
         return x[0, -1], risk
 
     def decide(self, risk: float | None) -> bool:
@@ -422,7 +432,7 @@ class DecodeStep:
             name = "last_hidden_state" if "last_hidden_state" in engine.output_names else "hidden_states"
             b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(out))
             if "risk" in engine.output_names:
-                risk = np.zeros(batch, np.float32)
+                risk = np.zeros((batch, 1) if model.risk_per_token else batch, np.float32)
                 self._keep.append(risk)
                 b.bind_ortvalue_output("risk", ort.OrtValue.ortvalue_from_numpy(risk))
             self.bindings.append(b)
