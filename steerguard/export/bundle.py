@@ -23,7 +23,7 @@ from ..errors import SteerguardError
 from ..runtime.manifest import MANIFEST, SCHEMA
 from .arch import DecoderSpec
 from .guard import Guard
-from .prober import ENGINE_FEATURES, TOKEN_FEATURES
+from .prober import ENGINE_FEATURES
 from .models import LoadedModel, sha256_file
 from .quantize import check_precision, quantize
 from .onnx_graph import (ProberWeights, decoder_engine, embed_engine, head_engine, past_names, present_names,
@@ -81,7 +81,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         l_star = guard.split_layer
         p = guard.prober
         prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision,
-                               per_token=p.feature in TOKEN_FEATURES)
+                               per_token=p.per_token)
         chain.append(("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
                                                                name="pre"), {"layers": [0, l_star], "prober": prober_precision}))
         if (engine_precision or {}).get("pre", precision) != precision:

@@ -21,7 +21,7 @@ from ..runtime.judge import is_refusal, opens_with_refusal
 from .data import PromptSet
 from .guard import Guard
 from .hidden import chat_ids, extract_hidden_states
-from .prober import TOKEN_FEATURES, auroc
+from .prober import auroc
 from .refusal import end_of_turn_ids
 
 
@@ -29,7 +29,7 @@ def guard_risks(lm, guard: Guard, prompts: Sequence[str], batch_size: int = 16, 
     """The prober's risk for each prompt, from batched prefill hidden states."""
     p = guard.prober
     hs = extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress, upto=p.layer,
-                               tokens_at=p.layer if p.feature in TOKEN_FEATURES else None)
+                               tokens_at=p.layer if p.per_token else None)
     return p.prompt_risk(hs.feature(p.feature, p.layer))
 
 

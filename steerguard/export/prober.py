@@ -43,10 +43,15 @@ class Prober:
             logits = h @ self.w2 + self.b2
             return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
 
+    @property
+    def per_token(self) -> bool:
+        """Reads every token of the user's turn (its input per prompt is a (t_i, d) array)."""
+        return self.feature in TOKEN_FEATURES
+
     def prompt_risk(self, x) -> np.ndarray:
         """p(harmful) per prompt: `risk` of its feature row, or for a token feature the highest risk among
         its tokens (`x`: a sequence of (t_i, d) arrays). NaN stays NaN."""
-        if self.feature not in TOKEN_FEATURES:
+        if not self.per_token:
             return self.risk(x)
         lengths = np.array([len(t) for t in x])
         if (lengths == 0).any():

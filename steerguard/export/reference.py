@@ -15,7 +15,6 @@ from ..errors import SteerguardError
 from ..runtime.sampling import Sampling
 from .guard import Guard
 from .hidden import chat_ids, template_prefix_len
-from .prober import TOKEN_FEATURES
 from .refusal import end_of_turn_ids
 
 
@@ -63,7 +62,7 @@ class ReferenceGuard:
     def risk(self, hidden_states, length: int) -> float:
         p = self.guard.prober
         h = hidden_states[p.layer][0]
-        if p.feature in TOKEN_FEATURES:
+        if p.per_token:
             return float(p.prompt_risk([h[self.prefix_len:length].float().numpy()])[0])
         feature = h[-1] if p.feature == "last" else h[self.prefix_len:length].mean(0)
         return float(p.risk(feature.float().numpy()[None])[0])

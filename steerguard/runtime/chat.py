@@ -76,9 +76,10 @@ class ChatTokenizer:
         return content_start(encode)
 
     @functools.cached_property
-    def prompt_start(self) -> int:
-        """`user_turn_start` of a one-message chat: the chat template's prefix."""
-        return self.user_turn_start([{"role": "user", "content": ""}])
+    def prompt_prefix(self) -> list[int]:
+        """The token ids the chat template puts before a one-message chat's content."""
+        one = [{"role": "user", "content": ""}]
+        return self.encode_chat(one)[:self.user_turn_start(one)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

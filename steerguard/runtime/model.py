@@ -153,16 +153,16 @@ class GuardedModel:
         if isinstance(request, str):
             if not request.strip():
                 raise SteerguardError("the prompt is empty")
-            return Prompt(self.tokenizer.encode_prompt(request), user_start=self.tokenizer.prompt_start)
+            return Prompt(self.tokenizer.encode_prompt(request), user_start=len(self.tokenizer.prompt_prefix))
         if not request:
             raise SteerguardError("no chat messages given")
         if all(isinstance(t, (int, np.integer)) for t in request):
             ids = [int(t) for t in request]
             if min(ids) < 0 or max(ids) >= self.manifest.model["vocab_size"]:
                 raise SteerguardError("token ids out of the vocabulary's range")
-            start = self.tokenizer.prompt_start      # only when the ids open like a one-turn chat
-            same = ids[:start] == self.tokenizer.encode_prompt("alpha")[:start] and len(ids) > start
-            return Prompt(ids, user_start=start if same else 0)
+            prefix = self.tokenizer.prompt_prefix      # the span is known when the ids open like a one-turn chat
+            opens = len(ids) > len(prefix) and ids[:len(prefix)] == prefix
+            return Prompt(ids, user_start=len(prefix) if opens else 0)
         messages = list(request)
         if any(m.get("role") == "user" and isinstance(m.get("content"), str) and not m["content"].strip()
                for m in messages if isinstance(m, dict)):
@@ -170,7 +170,7 @@ class GuardedModel:
         images = [p.get("image") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                   for p in m["content"] if isinstance(p, dict) and p.get("type") == "image"]
         if not images:
-            return Prompt(self.tokenizer.encode_chat(messages), user_start=self.tokenizer.user_turn_start(messages))
+            return Prompt(self.tokenizer.encode_chat(messages), user_start=self._user_start(messages))
         if self.vision is None:
             raise SteerguardError(f"this bundle's model ({self.manifest.model['name']}) reads text only; "
                                   "remove the image or export a multimodal model")
@@ -182,7 +182,7 @@ class GuardedModel:
         pixels = [self.vision.prepare(im) for im in images]   # every image is read before anything runs
         text_messages = _without_pixels(messages, self.vision.spec.get("placeholder_text"))
         unexpanded = self.tokenizer.encode_chat(text_messages)
-        user_start = self.tokenizer.user_turn_start(text_messages)
+        user_start = self._user_start(text_messages)
         if self.vision.image_token_id in unexpanded[:user_start]:
             user_start = 0   # images in earlier turns move it; read the whole conversation instead
         ids = self.vision.expand(unexpanded, pixels)
@@ -199,6 +199,10 @@ class GuardedModel:
         if self.mrope is not None:
             prompt.positions, prompt.position_delta = self.vision.positions(ids, pixels)
         return prompt
+
+    def _user_start(self, messages: list) -> int:
+        """Where the last user message begins; only a per-token prober needs it (three extra encodings)."""
+        return self.tokenizer.user_turn_start(messages) if self.risk_per_token else 0
 
     def rotary_tables(self, prompt: Prompt, length: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(cos, sin), (length, head_dim / 2): row i rotates the token at sequence index i — the prompt's
