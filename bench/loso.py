@@ -56,6 +56,18 @@ def held_out_sources(per_source: int, seed: int) -> list[PromptSet]:
     return [s.sample(per_source, seed) for s in sets]
 
 
+def sorry_bench_styles() -> dict[str, str]:
+    """SORRY-Bench request (whitespace-normalised) -> its writing style (base, role_play, slang, ...)."""
+    rows = (json.loads(x) for x in (SHARED / "requests" / "sorry-bench-train.jsonl").read_text().splitlines() if x)
+    return {" ".join(r["turns"][0].split()): r["prompt_style"] for r in rows}
+
+
+def fire_rate_by(keys: list[str], fires: np.ndarray) -> dict[str, float]:
+    """Fire rate per key, lowest first."""
+    rates = {k: float(fires[[x == k for x in keys]].mean()) for k in set(keys)}
+    return dict(sorted(rates.items(), key=lambda kv: kv[1]))
+
+
 def never_calibrated_sets() -> list[PromptSet]:
     return [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1, source="heldout_harmful"),
             load_prompts(data_path("eval", "benign_conversational.jsonl"), 0, source="benign_conversational")]
@@ -169,6 +181,9 @@ def main() -> None:
                      "fire_rate": fire, "tau": prober.tau, "target": target, "meets_target": ok})
         pooled_r.append(risk)
         pooled_y.append(np.full(len(risk), s.label))
+        if s.source == "sorry_bench":   # which writing styles slip through
+            style = sorry_bench_styles()
+            by_style = fire_rate_by([style.get(" ".join(p.split()), "?") for p in s.prompts], ~(risk < prober.tau))
         print(f"  held out {s.source:<20} fire {100 * fire:5.1f}%  (tau {prober.tau:.2f})", flush=True)
     pooled_auroc = auroc(np.concatenate(pooled_r), np.concatenate(pooled_y))
     # VLSafe's harmful queries and their safe rewrites share captions and wording: held out one side at a
@@ -185,6 +200,7 @@ def main() -> None:
               "pair_subspace": cfg.pair_subspace,
               "erase_sources": cfg.erase_sources,
               "per_source": args.per_source, "loso": rows, "pooled_auroc": pooled_auroc,
+              "sorry_bench_fire_rate_by_style": by_style,
               "vlsafe_whole_dataset_held_out": whole_vlsafe,
               "final_guard": {"tau": final.tau, "never_calibrated_fire_rate": never},
               "seconds": round(time.time() - t0, 1)}
@@ -208,6 +224,9 @@ def markdown(r: dict) -> str:
     worst_b = max(x["fire_rate"] for x in r["loso"] if x["kind"] == "benign")
     lines += ["", f"pooled AUROC of held-out predictions: **{r['pooled_auroc']:.3f}** (target >= 0.97); "
               f"worst harmful fire rate {100 * worst_h:.1f}%, worst benign fire rate {100 * worst_b:.1f}%", ""] + ([
+              "held-out SORRY-Bench by writing style: " + ", ".join(
+                  f"{k} {100 * v:.0f}%" for k, v in r["sorry_bench_fire_rate_by_style"].items()), ""]
+              if "sorry_bench_fire_rate_by_style" in r else []) + ([
               "VLSafe held out as a whole data set (harmful queries and safe rewrites together): fires on "
               f"{100 * r['vlsafe_whole_dataset_held_out']['vlsafe']:.1f}% of its harmful queries and "
               f"{100 * r['vlsafe_whole_dataset_held_out']['vlsafe_safe']:.1f}% of its safe rewrites", ""]

@@ -11,8 +11,8 @@ from steerguard.export.data import (default_benign, default_pairs, load_pairs, l
 def test_shipped_defaults_load_without_shared_folder():
     pairs = default_pairs()
     sources = {p.source for p in pairs}
-    assert sources == {"vlsafe"} | {f"contrast-{x}" for x in "abcdefghi"}
-    assert sum(p.source.startswith("contrast") for p in pairs) >= 2400
+    assert sources == {"vlsafe"} | {f"contrast-{x}" for x in "abcdefghijk"}
+    assert sum(p.source.startswith("contrast") for p in pairs) >= 3000
     assert all(p.harmful and p.benign and p.refusal for p in pairs)
     from steerguard.runtime.judge import opens_with_refusal
     assert all(opens_with_refusal(p.refusal) for p in pairs if p.source != "vlsafe")

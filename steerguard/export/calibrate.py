@@ -84,6 +84,7 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
                                cfg.batch_size, progress and "hidden states (SAS pairs, every layer)",
                                processor=lm.processor)
     sas = SASResult.compute(hs.last[0::2], hs.last[1::2])
+    del hs
     layer = cfg.layer if cfg.layer is not None else sas.best_layer
     tokens = cfg.feature in TOKEN_FEATURES
     states = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size,
@@ -96,6 +97,7 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     pair_train = ~val[:n:2]
     prober = fit_prober(states.feature(cfg.feature, layer), labels, sources, val, layer, cfg,
                         pairs=(last[0:n:2][pair_train], last[1:n:2][pair_train]), last=last)
+    del states, last     # the token states can be gigabytes; the refusal head does not need them
     timings["prober_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

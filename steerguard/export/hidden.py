@@ -126,9 +126,11 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
 
     cfg = text_config(model.config)
     n_layers, d = cfg.num_hidden_layers, cfg.hidden_size
+    # np.zeros maps its pages lazily (zeros_like would write them all): with `upto` only one layer's
+    # rows are ever touched
     last = np.zeros((len(ids), n_layers + 1, d), np.float32)
-    mean = np.zeros_like(last)
-    tokens = None if tokens_at is None else np.empty(len(ids), object)
+    mean = np.zeros((len(ids), n_layers + 1, d), np.float32)
+    tokens = None if tokens_at is None else _token_views(ids, prefix, d)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     bar = tqdm(total=len(ids), desc=progress if isinstance(progress, str) else "hidden states",
@@ -151,6 +153,18 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
     bar.close()
     return HiddenStates(last=last, mean=mean, lengths=np.array([len(x) for x in ids]), tokens=tokens,
                         tokens_layer=tokens_at)
+
+
+def _token_views(ids: list, prefix: int, d: int) -> np.ndarray:
+    """One (t_i, d) view per prompt into a single float32 buffer for the user tokens of every text prompt
+    (image prompts get their own array later). Thousands of separate arrays, allocated between the
+    batches' large temporaries, would leave the allocator's heap fragmented at twice their size."""
+    lengths = [max(len(x) - prefix, 0) for x in ids]
+    buffer = np.empty((sum(lengths), d), np.float32)
+    views = np.empty(len(ids), object)
+    for i, part in enumerate(np.split(buffer, np.cumsum(lengths)[:-1])):
+        views[i] = part
+    return views
 
 
 def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int, last: np.ndarray,
@@ -179,4 +193,4 @@ def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int,
     if tokens is not None:
         at = states[:, tokens_at if layers == slice(None) else 0].numpy()     # (b, T, d)
         for row, i in enumerate(batch):
-            tokens[i] = at[row, prefix:lengths[row]].copy()
+            tokens[i][:] = at[row, prefix:lengths[row]]

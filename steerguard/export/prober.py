@@ -39,7 +39,7 @@ class Prober:
     def risk(self, x: np.ndarray) -> np.ndarray:
         """p(harmful) for features `x` (n, d). Non-finite inputs give NaN (the guard fails closed on it)."""
         with np.errstate(over="ignore", invalid="ignore"):
-            h = np.maximum(x.astype(np.float32) @ self.w1 + self.b1, 0)
+            h = np.maximum(np.asarray(x, np.float32) @ self.w1 + self.b1, 0)
             logits = h @ self.w2 + self.b2
             return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
 
@@ -48,7 +48,7 @@ class Prober:
         """Reads every token of the user's turn (its input per prompt is a (t_i, d) array)."""
         return self.feature in TOKEN_FEATURES
 
-    def prompt_risk(self, x) -> np.ndarray:
+    def prompt_risk(self, x, chunk: int = 1024) -> np.ndarray:
         """p(harmful) per prompt: `risk` of its feature row, or for a token feature the highest risk among
         its tokens (`x`: a sequence of (t_i, d) arrays). NaN stays NaN."""
         if not self.per_token:
@@ -56,8 +56,12 @@ class Prober:
         lengths = np.array([len(t) for t in x])
         if (lengths == 0).any():
             raise SteerguardError("a prompt has no tokens for the prober to read")
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        return np.maximum.reduceat(self.risk(np.concatenate(list(x))), starts)
+        out = np.empty(len(x), np.float32)
+        for k in range(0, len(x), chunk):     # a chunk of prompts at a time: no copy of every token state
+            part = lengths[k:k + chunk]
+            starts = np.concatenate([[0], np.cumsum(part)[:-1]])
+            out[k:k + chunk] = np.maximum.reduceat(self.risk(np.concatenate(list(x[k:k + chunk]))), starts)
+        return out
 
     def fires(self, x) -> np.ndarray:
         return ~(self.prompt_risk(x) < self.tau)  # NaN counts as risky
@@ -80,26 +84,22 @@ class Prober:
         if len(np.unique(y)) < 2:
             raise SteerguardError("the prober needs both harmful and benign examples")
         tokens = feature in TOKEN_FEATURES
-        lengths = np.array([len(t) for t in x]) if tokens else None
-        # token states run to millions of rows: float32, updated in place, statistics in chunks
-        x = np.concatenate(list(x), dtype=np.float32) if tokens else np.array(x, np.float64)
-        centre, _ = _column_stats(x)
-        proj = np.eye(x.shape[1]) if subspace is None else np.asarray(subspace, np.float64).T     # (d, m)
+        # token states run to millions of rows: they are never concatenated whole; their statistics and
+        # the standardised copy the minibatches hold are made a block of prompts at a time
+        rows = [np.asarray(t, np.float32) for t in x] if tokens else [np.asarray(x, np.float64)]
+        proj = np.eye(rows[0].shape[1]) if subspace is None else np.asarray(subspace, np.float64).T   # (d, m)
         if erase is not None:
             proj = np.asarray(erase, np.float64) @ proj
-        x -= centre.astype(x.dtype)
-        if subspace is not None or erase is not None:
-            x = x @ proj.astype(x.dtype)
-        mu, sd = _column_stats(x)
-        sd += 1e-6
-        x -= mu.astype(x.dtype)
-        x /= sd.astype(x.dtype)
+        centre, cov = _moments(rows)
+        sd = np.sqrt(np.einsum("ij,ik,kj->j", proj, cov, proj)) + 1e-6     # column sd after the projection
+
+        def standardise(v: np.ndarray) -> np.ndarray:
+            return (((v - centre.astype(v.dtype)) @ proj.astype(v.dtype)) / sd.astype(v.dtype)).astype(np.float32)
+
         g = torch.Generator().manual_seed(seed)
-        xt = torch.from_numpy(x.astype(np.float32, copy=False))
-        del x
         wt = torch.tensor(weights if weights is not None else np.ones(len(y)), dtype=torch.float32)
         wt = wt / wt.sum()
-        d = xt.shape[1]
+        d = proj.shape[1]
         lin1, lin2 = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, 2)
         for lin in (lin1, lin2):
             torch.nn.init.normal_(lin.weight, std=(1 / lin.in_features) ** 0.5, generator=g)
@@ -115,8 +115,7 @@ class Prober:
             opt.step()
 
         if tokens:
-            batches = _padded_batches(xt, lengths, torch.tensor(y, dtype=torch.float32), wt * len(y))
-            del xt
+            batches = _padded_batches(rows, standardise, torch.tensor(y, dtype=torch.float32), wt * len(y))
             order = np.random.default_rng(seed)
             for epoch in range(epochs or 10):
                 torch.manual_seed(seed + epoch)
@@ -126,17 +125,17 @@ class Prober:
                     step((torch.nn.functional.binary_cross_entropy_with_logits(margin, yb, reduction="none")
                           * wb).sum() / len(y))
         else:
-            yt = torch.tensor(y, dtype=torch.long)
+            xt, yt = torch.from_numpy(standardise(rows[0])), torch.tensor(y, dtype=torch.long)
             for epoch in range(epochs or 300):
                 torch.manual_seed(seed + epoch)
                 step((torch.nn.functional.cross_entropy(mlp(xt), yt, reduction="none") * wt).sum())
         w1 = lin1.weight.detach().double().numpy().T       # (k, hidden)
         b1 = lin1.bias.detach().double().numpy()
-        # fold projection and standardisation: (((x - c) @ P - mu) / sd) @ w1 + b1
-        #   = x @ (P (w1 / sd)) + (b1 - ((c @ P + mu) / sd) @ w1)
+        # fold projection and standardisation: (((x - c) @ P) / sd) @ w1 + b1
+        #   = x @ (P (w1 / sd)) + (b1 - ((c @ P) / sd) @ w1)
         scaled = w1 / sd[:, None]
         return cls(layer=layer, feature=feature,
-                   w1=(proj @ scaled).astype(np.float32), b1=(b1 - (centre @ proj + mu) @ scaled).astype(np.float32),
+                   w1=(proj @ scaled).astype(np.float32), b1=(b1 - (centre @ proj) @ scaled).astype(np.float32),
                    w2=lin2.weight.detach().numpy().T.copy(), b2=lin2.bias.detach().numpy().copy())
 
     def save(self, folder: Path) -> None:
@@ -153,36 +152,48 @@ class Prober:
                        w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"])
 
 
-def _column_stats(x: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and standard deviations in float64, a chunk of rows at a time (no full-size temporaries)."""
-    total = np.zeros(x.shape[1])
-    for k in range(0, len(x), chunk):
-        total += x[k:k + chunk].sum(0, dtype=np.float64)
-    mean = total / len(x)
-    sq = np.zeros(x.shape[1])
-    for k in range(0, len(x), chunk):
-        sq += ((x[k:k + chunk] - mean) ** 2).sum(0)
-    return mean, np.sqrt(sq / len(x))
+def _blocks(rows: list[np.ndarray], size: int = 1 << 13):
+    """The rows of consecutive arrays, concatenated into blocks of about `size` rows."""
+    start, count = 0, 0
+    for i, r in enumerate(rows):
+        count += len(r)
+        if count >= size:
+            yield np.concatenate(rows[start:i + 1])
+            start, count = i + 1, 0
+    if start < len(rows):
+        yield np.concatenate(rows[start:])
 
 
-def _padded_batches(states, lengths: np.ndarray, y, w, size: int = 128) -> list[tuple]:
-    """Prompts' token states (concatenated rows) as right-padded (b, t, d) batches of similar length,
-    with their token masks, labels and weights."""
+def _moments(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and covariance (float64) of all rows of `rows`, a block at a time."""
+    n = sum(len(r) for r in rows)
+    mean = sum(r.sum(0, dtype=np.float64) for r in rows) / n
+    cov = np.zeros((len(mean), len(mean)))
+    for block in _blocks(rows):
+        c = block - mean.astype(block.dtype)
+        cov += c.T @ c
+    return mean, cov / n
+
+
+def _padded_batches(rows: list[np.ndarray], standardise, y, w, size: int = 128) -> list[tuple]:
+    """Prompts' token states, standardised, as right-padded (b, t, m) batches of similar length, with
+    their token masks, labels and weights."""
     import torch
 
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    lengths = np.array([len(r) for r in rows])
     order = np.argsort(lengths, kind="stable")
     batches = []
     for k in range(0, len(order), size):
-        rows = order[k:k + size]
-        t = int(lengths[rows].max())
-        padded = states.new_zeros((len(rows), t, states.shape[1]))
-        mask = torch.zeros((len(rows), t), dtype=torch.bool)
-        for r, i in enumerate(rows):
-            padded[r, :lengths[i]] = states[starts[i]:starts[i] + lengths[i]]
+        idx = order[k:k + size]
+        states = standardise(np.concatenate([rows[i] for i in idx]))
+        padded = np.zeros((len(idx), int(lengths[idx].max()), states.shape[1]), np.float32)
+        mask = np.zeros(padded.shape[:2], bool)
+        starts = np.concatenate([[0], np.cumsum(lengths[idx])])
+        for r, i in enumerate(idx):
+            padded[r, :lengths[i]] = states[starts[r]:starts[r + 1]]
             mask[r, :lengths[i]] = True
-        index = torch.from_numpy(rows)
-        batches.append((padded, mask, y[index], w[index]))
+        index = torch.from_numpy(idx)
+        batches.append((torch.from_numpy(padded), torch.from_numpy(mask), y[index], w[index]))
     return batches
 
 
