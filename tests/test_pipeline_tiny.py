@@ -119,3 +119,17 @@ def test_states_up_to_a_layer_equal_the_full_pass_there(tiny):
     assert not upto.last[:, 3:].any()
     again = extract_hidden_states(tiny.model, tiny.tokenizer, prompts, batch_size=2)   # the hook is gone
     np.testing.assert_array_equal(again.last, full.last)
+
+
+def test_token_states_land_in_their_own_prompts_rows(tiny):
+    """Per-token states (the prober's input) are written batch by batch into one shared buffer: each
+    prompt's rows are its own tokens, as if it ran alone, ending at its last-token state."""
+    from steerguard.export.hidden import extract_hidden_states
+
+    prompts = ["mid length here", "short one", "a somewhat longer prompt about safety and protecting accounts", "x"]
+    batched = extract_hidden_states(tiny.model, tiny.tokenizer, prompts, batch_size=3, upto=2, tokens_at=2)
+    for i, p in enumerate(prompts):
+        single = extract_hidden_states(tiny.model, tiny.tokenizer, [p], batch_size=1, upto=2, tokens_at=2)
+        assert batched.tokens[i].shape == single.tokens[0].shape
+        np.testing.assert_allclose(batched.tokens[i], single.tokens[0], atol=1e-5)
+        np.testing.assert_allclose(batched.tokens[i][-1], batched.last[i, 2], atol=1e-6)

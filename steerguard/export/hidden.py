@@ -159,11 +159,11 @@ def _token_views(ids: list, prefix: int, d: int) -> np.ndarray:
     """One (t_i, d) view per prompt into a single float32 buffer for the user tokens of every text prompt
     (image prompts get their own array later). Thousands of separate arrays, allocated between the
     batches' large temporaries, would leave the allocator's heap fragmented at twice their size."""
-    lengths = [max(len(x) - prefix, 0) for x in ids]
-    buffer = np.empty((sum(lengths), d), np.float32)
+    ends = np.cumsum([max(len(x) - prefix, 0) for x in ids], dtype=np.int64)
+    buffer = np.empty((int(ends[-1]) if len(ends) else 0, d), np.float32)
     views = np.empty(len(ids), object)
-    for i, part in enumerate(np.split(buffer, np.cumsum(lengths)[:-1])):
-        views[i] = part
+    for i, end in enumerate(ends):
+        views[i] = buffer[(ends[i - 1] if i else 0):end]
     return views
 
 
