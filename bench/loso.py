@@ -27,7 +27,7 @@ import numpy as np
 from steerguard.export.calibrate import CalibrationConfig, CalibrationData, CalibrationTable, fit_prober
 from steerguard.export.data import PromptSet, data_path, load_prompts, load_vlsafe
 from steerguard.export.sas import SASResult
-from steerguard.export.hidden import extract_hidden_states
+from steerguard.export.hidden import extract_hidden_states, split_rows
 from steerguard.export.models import cache_dir, load_model
 from steerguard.export.prober import FEATURES, TOKEN_FEATURES, auroc
 
@@ -102,10 +102,7 @@ def split_states(lm, prompts: list[str], name: str, layer: int) -> tuple[np.ndar
         last, lengths = hs.last[:, layer], np.array([len(t) for t in hs.tokens])
         flat = np.concatenate(list(hs.tokens)).astype(np.float16)
         np.savez(path, last=last.astype(np.float16), tokens=flat, lengths=lengths)
-    tokens = np.empty(len(lengths), object)
-    for i, part in enumerate(np.split(flat, np.cumsum(lengths)[:-1])):
-        tokens[i] = part.astype(np.float32)
-    return last, tokens
+    return last, split_rows(flat.astype(np.float32), lengths)   # views into one buffer
 
 
 def main() -> None:

@@ -155,16 +155,20 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
                         tokens_layer=tokens_at)
 
 
+def split_rows(flat: np.ndarray, lengths) -> np.ndarray:
+    """Consecutive rows of `flat` as one view per prompt, an (n,) object array of (t_i, d) arrays."""
+    views = np.empty(len(lengths), object)
+    for i, part in enumerate(np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []):
+        views[i] = part
+    return views
+
+
 def _token_views(ids: list, prefix: int, d: int) -> np.ndarray:
     """One (t_i, d) view per prompt into a single float32 buffer for the user tokens of every text prompt
     (image prompts get their own array later). Thousands of separate arrays, allocated between the
     batches' large temporaries, would leave the allocator's heap fragmented at twice their size."""
-    ends = np.cumsum([max(len(x) - prefix, 0) for x in ids], dtype=np.int64)
-    buffer = np.empty((int(ends[-1]) if len(ends) else 0, d), np.float32)
-    views = np.empty(len(ids), object)
-    for i, end in enumerate(ends):
-        views[i] = buffer[(ends[i - 1] if i else 0):end]
-    return views
+    lengths = [max(len(x) - prefix, 0) for x in ids]
+    return split_rows(np.empty((sum(lengths), d), np.float32), lengths)
 
 
 def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int, last: np.ndarray,
