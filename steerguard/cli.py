@@ -1,17 +1,16 @@
-"""steerguard's command line. Errors print one line and exit non-zero; --debug shows tracebacks."""
+"""steerguard's command line: the group, its global options and error handling; each command lives in
+one module of `steerguard.commands` and is registered here. Errors print one line and exit non-zero;
+--debug shows tracebacks."""
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import sys
-from pathlib import Path
 
 import click
 
 from .errors import SteerguardError
-from .export.prober import DEFAULT_FEATURE
+
 
 class Group(click.Group):
     """Turns SteerguardError (and a few expected failures) into one line and exit code 2."""
@@ -41,8 +40,10 @@ def main(debug: bool, threads: int | None) -> None:
     export     calibrate (or reuse a guard) and write a bundle: the split ONNX engine chain
     run        answer a prompt with a bundle, streaming (lean runtime, no torch)
     chat       multi-turn terminal chat with a bundle; the guard judges every user turn
+    serve      an OpenAI-compatible server for a bundle, continuous batching (the serve extra)
     inspect    print a bundle's manifest, SAS curve and engines
     bench      time to first token, decode tokens/s, time per engine, peak memory
+    build-trt  TensorRT plans for a bundle on this GPU
     generate   answer a prompt through the guarded model (PyTorch reference path)
     eval       guarded vs unguarded attack success rate, false refusals, prober AUROC
     """
@@ -52,222 +53,9 @@ def main(debug: bool, threads: int | None) -> None:
         os.environ["STEERGUARD_THREADS"] = str(threads)
 
 
-def sampling_options(f):
-    """--max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop -> one `sampling` argument."""
-    opts = [click.option("--max-new-tokens", type=int, default=128, show_default=True),
-            click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-            click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-            click.option("--top-p", type=float, default=1.0, show_default=True),
-            click.option("--seed", type=int, default=0, show_default=True),
-            click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the answer.")]
+from .commands.bundle import bench, build_trt, chat, export, inspect, run  # noqa: E402
+from .commands.guard import calibrate, eval_cmd, generate  # noqa: E402
+from .commands.serve import serve  # noqa: E402
 
-    def wrapper(*args, max_new_tokens, temperature, top_k, top_p, seed, stop, **kw):
-        from .runtime.sampling import Sampling
-
-        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, tuple(stop))
-        sampling.check()
-        return f(*args, sampling=sampling, **kw)
-
-    functools.update_wrapper(wrapper, f)   # keeps the click options already attached to f
-    for opt in reversed(opts):
-        wrapper = opt(wrapper)
-    return wrapper
-
-
-def _torch_threads() -> None:
-    import torch
-
-    n = os.environ.get("STEERGUARD_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
-
-
-@main.command()
-@click.argument("model", default="demo")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
-              help="Folder to write the guard to (written atomically).")
-@click.option("--pairs", "pairs_files", multiple=True, type=click.Path(path_type=Path),
-              help="Your own pairs file (.jsonl/.json/.csv); replaces the shipped pairs. Repeatable.")
-@click.option("--harmful-col", default="harmful", show_default=True, help="Column of the harmful prompt.")
-@click.option("--benign-col", default="benign", show_default=True, help="Column of the benign counterpart.")
-@click.option("--refusal-col", default="refusal", show_default=True, help="Column of the refusal target.")
-@click.option("--caption-col", default=None, help="Optional column with an image caption to prepend.")
-@click.option("--image-col", default=None,
-              help="Column with an image file per pair (multimodal models): both requests are asked about it.")
-@click.option("--image-root", type=click.Path(path_type=Path), default=None,
-              help="Folder the image paths are relative to (default: the pairs file's folder).")
-@click.option("--caption-for-missing-image", is_flag=True,
-              help="A row whose image file is missing uses its --caption-col text instead (default: an error).")
-@click.option("--vlsafe", type=click.Path(path_type=Path), default=None,
-              help="A VLSafe folder to use as pairs (alignment + convert_safe files).")
-@click.option("--harmful", "harmful_files", multiple=True, help="Extra harmful prompts FILE[:COLUMN]. Repeatable.")
-@click.option("--benign", "benign_files", multiple=True, help="Extra benign prompts FILE[:COLUMN]. Repeatable.")
-@click.option("--no-defaults", is_flag=True, help="Do not add the shipped calibration data.")
-@click.option("--layer", type=int, default=None, help="Split layer (default: argmax of SAS).")
-@click.option("--feature", type=click.Choice(["max", "last", "mean"]), default=DEFAULT_FEATURE,
-              show_default=True,
-              help="Prober input at the split layer: every token of the user's turn, scored one by one, the "
-                   "highest risk counting (max); the last prompt token (last, the paper's prober); or the mean "
-                   "over the user's tokens (mean, not exportable).")
-@click.option("--max-per-source", type=int, default=400, show_default=True, help="Rows drawn from each source.")
-@click.option("--refusal-targets", type=int, default=300, show_default=True)
-@click.option("--refusal-epochs", type=int, default=8, show_default=True)
-@click.option("--pair-subspace", type=int, default=None,
-              help="Confine the prober to the top-K directions in which the harmful/benign pairs differ "
-                   "(less reliance on style; docs/RESULTS.md measures it).")
-@click.option("--erase-sources", type=int, default=4, show_default=True,
-              help="Remove the K directions along which calibration sources of the same class differ "
-                   "(their style) before the prober reads the split-point state; 0 keeps them.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, image_col, image_root,
-              caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
-              max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, seed):
-    """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
-    local HF cache, or 'demo' (SmolLM2-135M-Instruct, fetched once into ~/.cache/steerguard).
-
-    Writes the SAS curve (JSON + PNG), the prober, the refusal head and metrics to -o DIR.
-    """
-    _torch_threads()
-    from .export.calibrate import CalibrationConfig, CalibrationData, calibrate as run
-    from .export.data import load_pairs, load_vlsafe
-    from .export.models import load_model
-
-    data = CalibrationData.default() if not no_defaults else CalibrationData(pairs=[])
-    if pairs_files:
-        data.pairs = []  # the user's pairs replace the shipped ones; shipped benign extras stay
-    for f in pairs_files:
-        data.pairs += load_pairs(f, harmful_col, benign_col, refusal_col, caption_col, image=image_col,
-                                 image_root=image_root, caption_for_missing_image=caption_for_missing_image)
-    if vlsafe:
-        data.pairs += load_vlsafe(vlsafe)
-    data.extra += [_prompt_set(spec, 1) for spec in harmful_files] + [_prompt_set(spec, 0) for spec in benign_files]
-    cfg = CalibrationConfig(layer=layer, feature=feature, max_per_source=max_per_source,
-                            refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed,
-                            pair_subspace=pair_subspace, erase_sources=erase_sources)
-    _check_output(out)
-    data.check()
-    lm = load_model(model)
-    guard = run(lm, data, cfg)
-    guard.save(out)
-    _print_summary(guard, out)
-
-
-def _prompt_set(spec: str, label: int):
-    """FILE[:COLUMN[:CAPTION_COLUMN]], e.g. `vlsafe/examine_sampled_500_VLSafe.jsonl:query:caption`."""
-    from .export.data import load_prompts
-
-    path, column, caption = (spec.split(":") + ["", ""])[:3] if not Path(spec).exists() else (spec, "", "")
-    return load_prompts(path, label, column or "prompt", caption or None)
-
-
-def _check_output(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SteerguardError(f"{out} exists and is not a folder")
-
-
-def _print_summary(guard, out: Path) -> None:
-    m = guard.prober.metrics
-    t = guard.metrics.get("timings", {})
-    rows = [("model", guard.model["name"]),
-            ("layers / hidden", f"{guard.model['num_layers']} / {guard.model['hidden_size']}"),
-            ("split layer (argmax SAS)", f"{guard.split_layer}  (SAS {max(guard.sas.scores):.3f})"),
-            ("prober", f"{guard.prober.feature} token(s) at layer {guard.prober.layer}, tau {guard.prober.tau:.3f}"),
-            ("validation accuracy / AUROC", f"{m['val_accuracy']:.3f} / {m['val_auroc']:.3f}"),
-            ("refusal head", f"eps {guard.refusal.eps}, loss {guard.refusal.metrics['loss_per_epoch']}"),
-            ("time", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items())),
-            ("written to", str(out))]
-    width = max(len(k) for k, _ in rows)
-    click.echo("")
-    for k, v in rows:
-        click.echo(f"  {k:<{width}}  {v}")
-
-
-@main.command()
-@click.argument("model", default="demo")
-@click.option("--guard", "guard_dir", type=click.Path(path_type=Path), default=None,
-              help="A guard folder from `steerguard calibrate` (omit to run the model unguarded).")
-@click.option("-p", "--prompt", required=True, help="The user's request.")
-@sampling_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def generate(model, guard_dir, prompt, sampling, as_json):
-    """Answer PROMPT with MODEL through the guard (PyTorch reference path)."""
-    _torch_threads()
-    from .export.guard import Guard
-    from .export.models import load_model
-    from .export.reference import ReferenceGuard
-
-    guard = Guard.load(guard_dir) if guard_dir else None
-    lm = load_model(model)
-    out = ReferenceGuard(lm, guard).generate(prompt, sampling)
-    if as_json:
-        click.echo(json.dumps({"text": out.text, "risk": out.risk, "fired": out.fired,
-                               "split_layer": out.split_layer, "timings": out.timings}))
-        return
-    click.echo(out.text)
-    if out.risk is None:
-        decision = "unguarded"
-    else:
-        decision = f"risk {out.risk:.3f} (tau {guard.prober.tau:.3f}) -> " + ("REFUSAL HEAD" if out.fired else "pass")
-    tps = out.timings["new_tokens"] / max(out.timings["total_s"] - out.timings["first_token_s"], 1e-9)
-    click.echo(f"[{decision} | layer {out.split_layer} | {out.timings['new_tokens']} tokens, {tps:.1f} tok/s]", err=True)
-
-
-@main.command("eval")
-@click.argument("model", default="demo")
-@click.option("--guard", "guard_dir", type=click.Path(path_type=Path), default=None,
-              help="A guard folder (needed unless MODEL is a bundle).")
-@click.option("--harmful", "harmful_files", multiple=True,
-              help="Harmful prompts FILE[:COLUMN[:CAPTION_COLUMN]] (default column 'prompt'). Repeatable.")
-@click.option("--benign", "benign_files", multiple=True, help="Benign prompts, same form. Repeatable.")
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
-              help="Folder for eval.json, report.md and the plots.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--limit", type=int, default=None, help="At most this many prompts per file (seeded sample).")
-@click.option("--risk-only", is_flag=True, help="Score the prober only; generate no answers.")
-@click.option("--keep-overlap", is_flag=True, help="Keep prompts that also appear in the calibration data.")
-def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens, limit, risk_only, keep_overlap):
-    """Guarded vs unguarded ASR, false refusals and prober AUROC of a guard on MODEL (with --guard),
-    or of a bundle from `steerguard export` (MODEL is the bundle folder; runs the engine chain).
-
-    With no --harmful/--benign, uses the shipped evaluation sets (held-out harmful requests, benign
-    questions that sound dangerous, benign conversational requests)."""
-    _torch_threads()
-    from .export.data import data_path, drop_calibration_overlap, load_prompts
-    from .export.evaluate import BundleRunner, TorchRunner, evaluate, write_report
-    from .export.guard import Guard
-    from .export.models import load_model
-
-    bundle = (Path(model) / "manifest.json").exists()
-    if not bundle and guard_dir is None:
-        raise SteerguardError("give --guard DIR, or a bundle folder as MODEL")
-    guard = Guard.load(guard_dir) if guard_dir and not bundle else None
-    sets = [_prompt_set(f, 1) for f in harmful_files] + [_prompt_set(f, 0) for f in benign_files]
-    if not sets:
-        sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1),
-                load_prompts(data_path("eval", "sounds_dangerous.jsonl"), 0),
-                load_prompts(data_path("eval", "benign_conversational.jsonl"), 0)]
-    # drop first, then sample, so --limit counts prompts that are really held out
-    dropped = {} if keep_overlap else drop_calibration_overlap(sets)
-    for s in sets:
-        if not s.prompts:
-            raise SteerguardError(f"no prompts left in {s.source} after dropping those in the calibration data "
-                                  "(use --keep-overlap to keep them)")
-    sets = [s.sample(limit) for s in sets]
-    if bundle:
-        from .runtime.model import GuardedModel
-
-        gm = GuardedModel.load(model)
-        if not gm.guarded:
-            raise SteerguardError(f"{model} is an unguarded bundle; there is no guard to evaluate")
-        runner, name, layer, tau = BundleRunner(gm), gm.manifest.model["name"], gm.split_layer, gm.tau
-    else:
-        lm = load_model(model)
-        guard.check_model(lm)
-        runner, name, layer, tau = TorchRunner(lm, guard), guard.model["name"], guard.split_layer, guard.prober.tau
-    results = evaluate(runner, tau, sets, max_new_tokens, generate=not risk_only)
-    write_report(results, name, layer, tau, out, {"max_new_tokens": max_new_tokens, "runner": "bundle" if bundle
-                                                  else "torch", "dropped_calibration_overlap": dropped})
-    click.echo((out / "report.md").read_text())
-
-
-from . import cli_bundle  # noqa: E402,F401  (registers export, run, chat, inspect, bench)
+for command in (calibrate, export, run, chat, serve, inspect, bench, build_trt, generate, eval_cmd):
+    main.add_command(command)

@@ -1,4 +1,5 @@
-"""Bundle commands: export (needs the export extra), and run, chat, inspect, bench (lean runtime only)."""
+"""Bundle commands: export (needs the export extra), and run, chat, inspect, bench, build-trt (lean
+runtime only)."""
 
 from __future__ import annotations
 
@@ -8,33 +9,11 @@ from pathlib import Path
 
 import click
 
-from .cli import _torch_threads, main, sampling_options
-from .errors import SteerguardError
-
-def BACKEND(f):
-    """--backend and --fallback-cpu, passed on as one `backend` argument: (name, fallback)."""
-    f = click.option("--fallback-cpu", is_flag=True, help="Run on the CPU when the backend is not available here.")(f)
-    return click.option("--backend", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu",
-                        show_default=True, help="Where the engines run.")(f)
+from ..errors import SteerguardError
+from .options import backend_options, decision, load_bundle, sampling_options, torch_threads
 
 
-def _load(bundle: Path, backend: str = "cpu", fallback_cpu: bool = False):
-    from .runtime.model import GuardedModel
-
-    model = GuardedModel.load(bundle, backend=backend, fallback_to_cpu=fallback_cpu)
-    if model.backend != backend:
-        click.echo(f"note: {backend} is not available here; running on the cpu (--fallback-cpu)", err=True)
-    return model
-
-
-def _decision(model, result) -> str:
-    if result.risk is None:
-        return "unguarded"
-    verdict = "REFUSAL HEAD" if result.fired else "pass"
-    return f"risk {result.risk:.3f} (tau {model.tau:.3f}) -> {verdict}"
-
-
-@main.command()
+@click.command()
 @click.argument("model", default="demo")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
               help="Bundle folder to write (written atomically).")
@@ -56,17 +35,17 @@ def export(model, out, guard_dir, unguarded, precision, block_size, head_block_s
            prober_precision, context):
     """Export MODEL as a bundle: the engine chain split at the guard's layer with the prober fused
     into the `pre` engine, the heads, tokenizer, chat template and a manifest pinning every file."""
-    _torch_threads()
-    from .export.bundle import export_bundle
-    from .export.calibrate import CalibrationConfig, CalibrationData, calibrate
-    from .export.guard import Guard
-    from .export.models import load_model
+    torch_threads()
+    from ..export.bundle import export_bundle
+    from ..export.calibrate import CalibrationConfig, CalibrationData, calibrate
+    from ..export.guard import Guard
+    from ..export.models import load_model
 
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise SteerguardError(f"{out} exists and is not a bundle; choose another folder")
     if guard_dir and unguarded:
         raise SteerguardError("--guard and --unguarded exclude each other")
-    from .export.quantize import check_precision
+    from ..export.quantize import check_precision
 
     check_precision(precision, block_size)
     if head_block_size:
@@ -86,19 +65,19 @@ def export(model, out, guard_dir, unguarded, precision, block_size, head_block_s
     click.echo(f"bundle written to {out} ({size / 1e6:.0f} MB); try: steerguard run {out} -p \"Hello!\"")
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True, help="The user's request.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="An image shown with the prompt (multimodal bundles; repeat for several if the model takes them).")
 @click.option("--system", default=None, help="A system message.")
 @sampling_options
-@BACKEND
+@backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
 def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, as_json):
     """Answer PROMPT (with --image, about the image) with BUNDLE, streaming; ends with one line: risk,
     decision, tokens/s. The guard judges the text and the images together."""
-    model = _load(bundle, backend, fallback_cpu)
+    model = load_bundle(bundle, backend, fallback_cpu)
     content = ([{"type": "image", "image": str(i)} for i in images] + [{"type": "text", "text": prompt}]
                if images else prompt)
     request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
@@ -115,19 +94,19 @@ def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, as_json
     click.echo("")
     sys.stdout.flush()   # the answer's last line before the decision line on stderr
     tps = f"{r.timings['decode_tok_s']:.1f} tok/s" if r.timings["decode_tok_s"] else "-"
-    click.echo(f"[{_decision(model, r)} | layer {r.split_layer} | {len(r.token_ids)} tokens, {tps}, "
+    click.echo(f"[{decision(model, r)} | layer {r.split_layer} | {len(r.token_ids)} tokens, {tps}, "
                f"first token {1000 * r.timings['first_token_s']:.0f} ms]", err=True)
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message.")
 @sampling_options
-@BACKEND
+@backend_options
 def chat(bundle, system, sampling, backend, fallback_cpu):
     """Multi-turn chat in the terminal. The guard judges every user turn (with the conversation so
     far); /reset starts over, /quit or Ctrl-D leaves."""
-    model = _load(bundle, backend, fallback_cpu)
+    model = load_bundle(bundle, backend, fallback_cpu)
     history = [{"role": "system", "content": system}] if system else []
     click.echo(f"chatting with {model.manifest.model['name']} "
                f"({'guarded at layer %d' % model.split_layer if model.guarded else 'unguarded'}); /quit to leave")
@@ -156,16 +135,16 @@ def chat(bundle, system, sampling, backend, fallback_cpu):
             continue
         r = stream.result
         click.echo("")
-        click.echo(f"  [{_decision(model, r)}]", err=True)
+        click.echo(f"  [{decision(model, r)}]", err=True)
         history.append({"role": "assistant", "content": r.text})
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
 def inspect(bundle, no_verify):
     """Print BUNDLE's manifest: the model, the guard, the SAS curve and the engine chain."""
-    from .runtime.manifest import Manifest
+    from ..runtime.manifest import Manifest
 
     m = Manifest.load(bundle, verify=not no_verify)
     mod = m.model
@@ -209,14 +188,14 @@ def _names(names: list[str]) -> str:
     return ", ".join(plain) + (f" + {cache} cache tensors" if cache else "")
 
 
-@main.command()
+@click.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--prompt-tokens", type=int, default=68, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--runs", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--refusal", is_flag=True, help="Time the refusal head path instead of the plain head.")
-@BACKEND
+@backend_options
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, fallback_cpu, as_json):
     """Time to first token, decode tokens/s (median of --runs after --warmup, greedy, exactly
@@ -224,14 +203,14 @@ def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, fa
     BUNDLES (e.g. one per precision) are measured one after another and compared side by side."""
     from dataclasses import asdict
 
-    from .runtime.bench import bench as run_bench, copy_bandwidth_gbs, decode_weight_bytes, prompt_of_length
+    from ..runtime.bench import bench as run_bench, copy_bandwidth_gbs, decode_weight_bytes, prompt_of_length
 
     if runs < 1 or warmup < 0 or new_tokens < 2:
         raise SteerguardError("--runs must be >= 1, --warmup >= 0 and --new-tokens >= 2")
     copy = copy_bandwidth_gbs()
     rows = []
     for bundle in bundles:
-        model = _load(bundle, backend, fallback_cpu)
+        model = load_bundle(bundle, backend, fallback_cpu)
         ids = prompt_of_length(model, prompt_tokens)
         r = run_bench(model, ids, new_tokens, runs, warmup, steer=True if refusal else None)
         weights = decode_weight_bytes(model)
@@ -257,7 +236,7 @@ def bench(bundles, prompt_tokens, new_tokens, runs, warmup, refusal, backend, fa
                + (" (all bundles above; bench one bundle for its own figure)" if len(rows) > 1 else ""))
 
 
-@main.command("build-trt")
+@click.command("build-trt")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Rebuild even when plans for this GPU exist.")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="Let TensorRT use fp16 kernels.")
@@ -267,7 +246,7 @@ def build_trt(bundle, force, fp16, max_batch, max_len):
     """Build TensorRT plans for BUNDLE's engines on this GPU (onnxruntime's TensorRT execution provider
     and its engine cache), with optimization profiles covering prefill and decode shapes, and store
     them under BUNDLE/trt/<gpu>_<compute capability>_<TensorRT version>/. Needs a GPU."""
-    from .engines.tensorrt import build_plans
+    from ..engines.tensorrt import build_plans
 
     out = build_plans(bundle, force=force, fp16=fp16, max_batch=max_batch, max_len=max_len)
     click.echo(f"TensorRT plans written to {out}")
