@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SHARED, write_jsonl
+from conftest import SHARED, needs_shared, write_jsonl
 from steerguard.errors import SteerguardError
 from steerguard.export.data import (default_benign, default_pairs, load_pairs, load_prompts, load_vlsafe,
                                     text_only_refusal)
@@ -19,6 +19,7 @@ def test_shipped_defaults_load_without_shared_folder():
     assert len(default_benign()[0].prompts) == 2000
 
 
+@needs_shared
 def test_shipped_contrast_pairs_share_no_prompt_with_the_evaluation_sets():
     """The guard is measured on ../shared/data; the pairs written for the project must not contain it."""
     import json
@@ -47,6 +48,7 @@ def test_shipped_contrast_pairs_share_no_prompt_with_the_evaluation_sets():
     assert not evaluation & set(ours)
 
 
+@needs_shared
 def test_vlsafe_pairs_keep_the_caption_and_zip_rows_in_order():
     pairs = load_vlsafe(SHARED / "vlsafe")
     assert len(pairs) == 3000

@@ -13,10 +13,10 @@ from ..errors import SteerguardError
 from .augment import augment_pairs
 from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
 from .guard import Guard
-from .hidden import extract_hidden_states
 from .prober import DEFAULT_FEATURE, TOKEN_FEATURES, Prober, auroc, pair_subspace, source_erasure
 from .refusal import RefusalHead, closed_refusal
 from .sas import MIN_PAIRS, SASResult
+from .state_cache import cached_hidden_states
 
 
 @dataclass
@@ -62,6 +62,7 @@ class CalibrationConfig:
     pair_subspace: int | None = None    # k: the prober reads only the pairs' top-k difference directions
     erase_sources: int = 4              # k: remove the top-k directions that tell same-class sources apart
     sas_pairs_per_source: int = 100     # training pairs per source that SAS runs through every layer
+    cache_states: bool = True           # keep hidden states on disk (see state_cache) and reuse them
 
 
 def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
@@ -80,16 +81,14 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     # or all 400 pairs per source); every prompt then runs only through the layers before the split
     t = time.perf_counter()
     sas_rows = table.sas_pairs(cfg.sas_pairs_per_source, random.Random(cfg.seed + 3))
-    hs = extract_hidden_states(lm.model, lm.tokenizer, [texts[i + side] for i in sas_rows for side in (0, 1)],
-                               cfg.batch_size, progress and "hidden states (SAS pairs, every layer)",
-                               processor=lm.processor)
+    hs = cached_hidden_states(lm, [texts[i + side] for i in sas_rows for side in (0, 1)], cfg.batch_size,
+                              progress and "hidden states (SAS pairs, every layer)", use_cache=cfg.cache_states)
     sas = SASResult.compute(hs.last[0::2], hs.last[1::2])
     del hs
     layer = cfg.layer if cfg.layer is not None else sas.best_layer
     tokens = cfg.feature in TOKEN_FEATURES
-    states = extract_hidden_states(lm.model, lm.tokenizer, texts, cfg.batch_size,
-                                   progress and f"hidden states (every prompt, up to layer {layer})",
-                                   processor=lm.processor, upto=layer, tokens_at=layer if tokens else None)
+    states = cached_hidden_states(lm, texts, cfg.batch_size, progress and f"hidden states (every prompt, up to layer {layer})",
+                                  upto=layer, tokens_at=layer if tokens else None, use_cache=cfg.cache_states)
     timings["hidden_states_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

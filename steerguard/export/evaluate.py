@@ -20,16 +20,17 @@ from tqdm.auto import tqdm
 from ..runtime.judge import is_refusal, opens_with_refusal
 from .data import PromptSet
 from .guard import Guard
-from .hidden import chat_ids, extract_hidden_states
-from .prober import auroc
+from .hidden import chat_ids
+from .prober import auroc, tpr_at_fpr
 from .refusal import end_of_turn_ids
+from .state_cache import cached_hidden_states
 
 
 def guard_risks(lm, guard: Guard, prompts: Sequence[str], batch_size: int = 16, progress=False) -> np.ndarray:
     """The prober's risk for each prompt, from batched prefill hidden states."""
     p = guard.prober
-    hs = extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress, upto=p.layer,
-                               tokens_at=p.layer if p.per_token else None)
+    hs = cached_hidden_states(lm, prompts, batch_size, progress, upto=p.layer,
+                              tokens_at=p.layer if p.per_token else None)
     return p.prompt_risk(hs.feature(p.feature, p.layer))
 
 
@@ -166,8 +167,9 @@ def write_report(results: Sequence[SetResult], model_name: str, split_layer: int
     out.mkdir(parents=True, exist_ok=True)
     risk = np.concatenate([r.risk for r in results])
     labels = np.concatenate([np.full(len(r.risk), r.label) for r in results])
-    summary = {"model": model_name, "split_layer": split_layer, "tau": tau,
-               "prober_auroc": auroc(risk, labels), "sets": [r.summary() for r in results], **meta}
+    sets = sorted((r.summary() for r in results), key=_worst_first)
+    summary = {"model": model_name, "split_layer": split_layer, "tau": tau, "prober_auroc": auroc(risk, labels),
+               "prober_tpr_at_1pct_fpr": tpr_at_fpr(risk, labels, 0.01), "sets": sets, **meta}
     rows = [{"source": r.source, "label": r.label, "prompt": p, "risk": float(k), "fired": bool(f),
              "unguarded": u, "guarded": g}
             for r in results for p, k, f, u, g in zip(r.prompts, r.risk, r.fired, r.unguarded, r.guarded)]
@@ -177,11 +179,18 @@ def write_report(results: Sequence[SetResult], model_name: str, split_layer: int
     return summary
 
 
+def _worst_first(s: dict) -> tuple:
+    """Harmful sets the guard catches least, then benign sets it fires on most."""
+    return (s["kind"] != "harmful", s["fire_rate"] if s["kind"] == "harmful" else -s["fire_rate"])
+
+
 def markdown_report(summary: dict) -> str:
+    pooled = summary["prober_auroc"]
+    tpr = summary.get("prober_tpr_at_1pct_fpr")
     lines = [f"# steerguard eval — {summary['model']}", "",
              f"split layer {summary['split_layer']}, tau {summary['tau']:.3f}, prober AUROC (all sets pooled) "
-             + (f"**{summary['prober_auroc']:.3f}**" if summary['prober_auroc'] == summary['prober_auroc']
-                else "— (needs harmful and benign sets)"), "",
+             + (f"**{pooled:.3f}**, catch rate at 1% false fires {tpr:.2f}" if pooled == pooled
+                else "— (needs harmful and benign sets)") + "; sets worst first", "",
              "| set | kind | n | guard fires | ASR unguarded | ASR guarded | refusals open with refusal | "
              "base model refuses |", "|---|---|---|---|---|---|---|---|"]
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731

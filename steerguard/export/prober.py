@@ -240,3 +240,13 @@ def auroc(risk: np.ndarray, y: np.ndarray) -> float:
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(roc_auc_score(y, np.nan_to_num(np.asarray(risk, np.float64), nan=1e9)))
+
+
+def tpr_at_fpr(risk: np.ndarray, y: np.ndarray, fpr: float = 0.01) -> float:
+    """Share of harmful prompts scored above all but `fpr` of the benign ones (the catch rate at a
+    threshold that fires on at most `fpr` of benign prompts). NaN risks rank as most risky."""
+    risk, y = np.nan_to_num(np.asarray(risk, np.float64), nan=1e9), np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    threshold = np.quantile(risk[y == 0], 1 - fpr, method="higher")
+    return float((risk[y == 1] > threshold).mean())
