@@ -81,7 +81,15 @@ def mlp(x, y, w):
     return p.risk
 
 
-PROBES: dict[str, Callable] = {"class-mean": class_mean, "logistic": logistic, "mlp": mlp}
+def mlp_max(x, y, w):
+    """Today's shipped prober: the MLP scores every user token, the riskiest counts (multiple-instance)."""
+    from steerguard.export.prober import Prober
+
+    p = Prober.train(x, y, 0, "max", weights=w)
+    return p.prompt_risk
+
+
+PROBES: dict[str, Callable] = {"class-mean": class_mean, "logistic": logistic, "mlp": mlp, "mlp-max": mlp_max}
 
 
 # --- features -----------------------------------------------------------------------------------------
@@ -110,6 +118,10 @@ class Features:
             return np.asarray(self.array("umean")[:, layer], np.float32)
         if kind == "pilot":
             return np.asarray(self.array("pilot")[:, :, layer], np.float32).mean(1)
+        if kind == "tokens":   # every user token (for mlp-max), one array per prompt
+            from steerguard.export.hidden import split_rows
+
+            return split_rows(np.asarray(self.array(f"tokens-L{layer}"), np.float32), np.load(self.folder / "lengths.npy"))
         if kind == "post+pilot":
             return np.concatenate([self.get("post", layer), self.get("pilot", layer)], 1)
         raise ValueError(kind)
@@ -146,6 +158,27 @@ def loso(x: np.ndarray, rows: list[dict], probe: Callable, seed: int = 0) -> dic
     return {"worst_harmful_caught": min(harm), "worst_benign_fired": max(ben), "pooled_auroc": auroc(r, y),
             "tpr_at_1pct_fpr": tpr_at_fpr(r, y), "mean_harmful_caught": float(np.mean(harm)),
             "mean_benign_fired": float(np.mean(ben)), "sources": out}
+
+
+def shipped_only(x: np.ndarray, rows: list[dict], probe: Callable) -> dict:
+    """What a user gets from the defaults: trained on the shipped calibration table alone (tau from its
+    validation rows), scored on every other source: the nine public ones and the shipped eval sets."""
+    label = np.array([r["label"] for r in rows])
+    source = np.array([r["source"] for r in rows])
+    role = np.array([r["role"] for r in rows])
+    val = np.array([r.get("val", False) for r in rows])
+    calib = role == "calibration"
+    w = source_balanced_weights(label[calib & ~val], source[calib & ~val])
+    score = probe(x[calib & ~val], label[calib & ~val], w)
+    tau = calibrate_tau(score(x[calib & val]), label[calib & val])
+    # VLSafe's held-out rows share frames with the shipped VLSafe pairs: not unseen here, left out
+    test = ~calib & ~np.isin(source, ["vlsafe", "vlsafe_safe"])
+    r = score(x[test])
+    rates = {s: float((r[source[test] == s] >= tau).mean()) for s in np.unique(source[test])}
+    harm = [v for s, v in rates.items() if label[test][source[test] == s][0] == 1]
+    ben = [v for s, v in rates.items() if label[test][source[test] == s][0] == 0]
+    return {"worst_harmful_caught": min(harm), "worst_benign_fired": max(ben), "auroc": auroc(r, label[test]),
+            "tpr_at_1pct_fpr": tpr_at_fpr(r, label[test]), "tau": float(tau), "fire_rate": rates}
 
 
 def never_calibrated(x: np.ndarray, rows: list[dict], probe: Callable) -> dict:
@@ -189,13 +222,16 @@ def main() -> None:
                 t = time.time()
                 res = loso(x, feats.rows, PROBES[probe])
                 res["never_calibrated"] = never_calibrated(x, feats.rows, PROBES[probe])
+                res["shipped_only"] = shipped_only(x, feats.rows, PROBES[probe])
                 res["seconds"] = round(time.time() - t, 1)
                 results["variants"][name] = res
                 tw = res["sources"]["twins"]
                 print(f"{name:<24} worst harm {100 * res['worst_harmful_caught']:5.1f}  worst benign "
                       f"{100 * res['worst_benign_fired']:5.1f}  pooled {res['pooled_auroc']:.3f}  "
                       f"tpr@1% {res['tpr_at_1pct_fpr']:.2f}  twins F1@7% {tw['f1_at_7pct_fpr']:.2f}  "
-                      f"direct {res['never_calibrated']['direct_auroc']:.3f}/{res['never_calibrated']['direct_tpr_at_1pct_fpr']:.2f}",
+                      f"direct {res['never_calibrated']['direct_auroc']:.3f}/{res['never_calibrated']['direct_tpr_at_1pct_fpr']:.2f}  "
+                      f"| shipped-only worst {100 * res['shipped_only']['worst_harmful_caught']:.0f}/"
+                      f"{100 * res['shipped_only']['worst_benign_fired']:.0f} auroc {res['shipped_only']['auroc']:.3f}",
                       flush=True)
                 args.out.write_text(json.dumps(results, indent=1))
 

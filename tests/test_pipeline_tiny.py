@@ -133,3 +133,17 @@ def test_token_states_land_in_their_own_prompts_rows(tiny):
         assert batched.tokens[i].shape == single.tokens[0].shape
         np.testing.assert_allclose(batched.tokens[i], single.tokens[0], atol=1e-5)
         np.testing.assert_allclose(batched.tokens[i][-1], batched.last[i, 2], atol=1e-6)
+
+
+def test_post_instruction_states_average_the_template_tokens_after_the_users_text(tiny):
+    """`post` is what a post-instruction prober reads: the mean of the states of the tokens the template
+    puts after the user's text (ChatML: end of turn, newline, assistant header), batched or alone."""
+    from steerguard.export.hidden import extract_hidden_states, template_suffix_len
+
+    assert template_suffix_len(tiny.tokenizer) == 3     # <|im_end|> <|im_start|> assistant (word-level)
+    prompts = ["mid length here", "short one", "a somewhat longer prompt about safety and protecting accounts"]
+    batched = extract_hidden_states(tiny.model, tiny.tokenizer, prompts, batch_size=3, upto=2, tokens_at=2)
+    for i, p in enumerate(prompts):
+        np.testing.assert_allclose(batched.post[i, 2], batched.tokens[i][-3:].mean(0), atol=1e-5)
+        single = extract_hidden_states(tiny.model, tiny.tokenizer, [p], batch_size=1)
+        np.testing.assert_allclose(batched.post[i, 2], single.post[0, 2], atol=1e-5)

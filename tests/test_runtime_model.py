@@ -145,19 +145,29 @@ def test_a_per_token_prober_reads_the_last_user_turn_only(tiny_export, gm):
     assert gm.prepare(gm.encode(PROMPTS[1])).user_start == gm.prepare(PROMPTS[1]).user_start
 
 
-def test_a_last_token_prober_still_exports_and_runs(tiny_export, tmp_path):
+@pytest.mark.parametrize("feature", ["last", "post"])
+def test_a_prober_on_the_last_or_the_post_instruction_tokens_exports_and_runs(tiny_export, tmp_path, feature):
+    """`last` reads the final prompt token; `post` the mean of the template's tokens after the user's text
+    (the engine averages the prompt's last `span` positions), for a one-message prompt and a chat."""
     import copy
 
     from steerguard.export.bundle import export_bundle
-    from steerguard.export.hidden import extract_hidden_states
+    from steerguard.export.hidden import extract_hidden_states, template_suffix_len
+    from steerguard.export.reference import ReferenceGuard
 
     guard = copy.deepcopy(tiny_export.guard)
-    guard.prober.feature = "last"
-    bundle = GuardedModel.load(export_bundle(tiny_export.lm, guard, tmp_path / "last", prober_precision="fp32",
+    guard.prober.feature = feature
+    guard.prober.span = template_suffix_len(tiny_export.lm.tokenizer) if feature == "post" else 1
+    bundle = GuardedModel.load(export_bundle(tiny_export.lm, guard, tmp_path / feature, prober_precision="fp32",
                                              progress=False), threads=2)
     states = extract_hidden_states(tiny_export.lm.model, tiny_export.lm.tokenizer, PROMPTS)
-    want = guard.prober.risk(states.feature("last", guard.prober.layer))
+    want = guard.prober.risk(states.feature(feature, guard.prober.layer))
     assert np.allclose([bundle.score(p) for p in PROMPTS], want, atol=1e-5)
+    ref = ReferenceGuard(tiny_export.lm, guard)
+    assert abs(ref.generate(PROMPTS[0], Sampling(max_new_tokens=1)).risk - want[0]) <= 1e-5
+    chat = [{"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": PROMPTS[0]}]
+    assert np.isfinite(bundle.score(chat)) and abs(bundle.score(chat) - want[0]) > 0   # reads the conversation's end
 
 
 def test_threads_on_one_model_give_the_sequential_answers(gm):

@@ -35,11 +35,13 @@ from .options import check_output, sampling_options, torch_threads
 @click.option("--benign", "benign_files", multiple=True, help="Extra benign prompts FILE[:COLUMN]. Repeatable.")
 @click.option("--no-defaults", is_flag=True, help="Do not add the shipped calibration data.")
 @click.option("--layer", type=int, default=None, help="Split layer (default: argmax of SAS).")
-@click.option("--feature", type=click.Choice(["max", "last", "mean"]), default=DEFAULT_FEATURE,
+@click.option("--feature", type=click.Choice(["max", "last", "post", "mean"]), default=DEFAULT_FEATURE,
               show_default=True,
               help="Prober input at the split layer: every token of the user's turn, scored one by one, the "
-                   "highest risk counting (max); the last prompt token (last, the paper's prober); or the mean "
-                   "over the user's tokens (mean, not exportable).")
+                   "highest risk counting (max); the last prompt token (last, the paper's prober); the mean over "
+                   "the chat template's tokens after the user's text (post: end of turn and assistant header, "
+                   "where an aligned model has read the whole request); or the mean over the user's tokens "
+                   "(mean, not exportable).")
 @click.option("--max-per-source", type=int, default=400, show_default=True, help="Rows drawn from each source.")
 @click.option("--refusal-targets", type=int, default=300, show_default=True)
 @click.option("--refusal-epochs", type=int, default=8, show_default=True)

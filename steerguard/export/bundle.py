@@ -59,7 +59,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
     if guard is not None:
         guard.check_model(lm)
         if guard.prober.feature not in ENGINE_FEATURES:
-            raise SteerguardError(f"the engine computes the prober on the last token or on every token; this "
+            raise SteerguardError(f"the engine computes the prober on the last token, the post-instruction tokens or every token; this "
                                   f"guard reads {guard.prober.feature!r}: recalibrate with the default feature")
     spec = DecoderSpec.from_model(lm.model, context)
     if spec.head_dim % 16:
@@ -81,7 +81,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         l_star = guard.split_layer
         p = guard.prober
         prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision,
-                               per_token=p.per_token)
+                               per_token=p.per_token, span=p.span if p.feature == "post" else 1)
         chain.append(("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
                                                                name="pre"), {"layers": [0, l_star], "prober": prober_precision}))
         if (engine_precision or {}).get("pre", precision) != precision:
@@ -132,7 +132,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
                   "context": spec.context, "mrope": spec.mrope},
         "guard": None if guard is None else {
             "split_layer": guard.split_layer, "tau": guard.prober.tau, "eps": guard.refusal.eps,
-            "feature": guard.prober.feature, "prober_precision": prober_precision,
+            "feature": guard.prober.feature, "span": guard.prober.span, "prober_precision": prober_precision,
             "prober_hidden": int(guard.prober.w1.shape[1]), "prober_metrics": guard.prober.metrics,
             "sas": {"layers": guard.sas.layers, "scores": guard.sas.scores, "num_pairs": guard.sas.num_pairs},
             "calibration": guard.calibration, "metrics": guard.metrics},

@@ -13,6 +13,7 @@ from ..errors import SteerguardError
 from .augment import augment_pairs
 from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
 from .guard import Guard
+from .hidden import template_suffix_len
 from .prober import DEFAULT_FEATURE, TOKEN_FEATURES, Prober, auroc, pair_subspace, source_erasure
 from .refusal import RefusalHead, closed_refusal
 from .sas import MIN_PAIRS, SASResult
@@ -96,6 +97,8 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     pair_train = ~val[:n:2]
     prober = fit_prober(states.feature(cfg.feature, layer), labels, sources, val, layer, cfg,
                         pairs=(last[0:n:2][pair_train], last[1:n:2][pair_train]), last=last)
+    if cfg.feature == "post":
+        prober.span = template_suffix_len(lm.tokenizer)
     del states, last     # the token states can be gigabytes; the refusal head does not need them
     timings["prober_s"] = time.perf_counter() - t
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..runtime.chat import content_start
+from ..runtime.chat import content_end, content_start
 from .prober import TOKEN_FEATURES
 
 
@@ -31,16 +31,25 @@ def template_prefix_len(tokenizer) -> int:
     return content_start(lambda content: chat_ids(tokenizer, content))
 
 
+def template_suffix_len(tokenizer) -> int:
+    """Tokens the chat template puts after every user message (end of turn, the assistant header): the
+    post-instruction tokens, where an aligned model decides whether it will answer."""
+    return content_end(lambda content: chat_ids(tokenizer, content))
+
+
 @dataclass
 class HiddenStates:
     """`last[i, l]` = h_l at prompt i's last token, for l = 0..N (index N has the final norm applied).
     `mean[i, l]` = h_l averaged over the tokens after the template prefix (user text + generation prompt).
+    `post[i, l]` = h_l averaged over the post-instruction tokens (what the template puts after the user's
+    text: end of turn, assistant header).
     `tokens[i]` = h_{tokens_layer} at each of those tokens, (t_i, d), when asked for."""
     last: np.ndarray   # (n, N + 1, d) float32
     mean: np.ndarray   # (n, N + 1, d) float32
     lengths: np.ndarray  # (n,) prompt lengths in tokens
     tokens: np.ndarray | None = None   # (n,) object array of (t_i, d) float32
     tokens_layer: int | None = None
+    post: np.ndarray | None = None     # (n, N + 1, d) float32
 
     def feature(self, kind: str, layer: int) -> np.ndarray:
         """The prober's input at `layer` (see prober.FEATURES): (n, d) rows for "last" and "mean", the
@@ -49,7 +58,7 @@ class HiddenStates:
             if self.tokens is None or self.tokens_layer != layer:
                 raise ValueError(f"token states at layer {layer} were not extracted")
             return self.tokens
-        return (self.last if kind == "last" else self.mean)[:, layer]
+        return {"last": self.last, "mean": self.mean, "post": self.post}[kind][:, layer]
 
 
 def image_inputs(processor, prompt, extra_ids: Sequence[int] = ()) -> dict:
@@ -120,7 +129,7 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
 
         raise SteerguardError("the calibration data has images, but this model reads text only")
     ids = [chat_ids(tokenizer, p) if isinstance(p, str) else [] for p in prompts]
-    prefix = template_prefix_len(tokenizer)
+    prefix, suffix = template_prefix_len(tokenizer), template_suffix_len(tokenizer)
     order = np.argsort([len(x) for x in ids], kind="stable")
     from .arch import text_config
 
@@ -130,6 +139,7 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
     # rows are ever touched
     last = np.zeros((len(ids), n_layers + 1, d), np.float32)
     mean = np.zeros((len(ids), n_layers + 1, d), np.float32)
+    post = np.zeros((len(ids), n_layers + 1, d), np.float32)
     tokens = None if tokens_at is None else _token_views(ids, prefix, d)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -141,18 +151,19 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
         states = torch.stack(model(**inputs, output_hidden_states=True, use_cache=False).hidden_states, 1)[0].float()
         last[i] = states[:, -1].numpy()
         mean[i] = states[:, prefix:].mean(1).numpy()
+        post[i] = states[:, -suffix:].mean(1).numpy()
         if tokens is not None:
             tokens[i] = states[tokens_at, prefix:].numpy()
         bar.update(1)
     texts = [i for i in order if isinstance(prompts[i], str)]
     with _stopping_before(decoder, upto if upto is not None and upto < n_layers else None) as reached:
         for start in range(0, len(texts), batch_size):
-            _text_batch(decoder, ids, texts[start:start + batch_size], pad, prefix, last, mean, upto, reached,
-                        tokens, tokens_at)
+            _text_batch(decoder, ids, texts[start:start + batch_size], pad, (prefix, suffix), (last, mean, post), upto,
+                        reached, tokens, tokens_at)
             bar.update(min(batch_size, len(texts) - start))
     bar.close()
     return HiddenStates(last=last, mean=mean, lengths=np.array([len(x) for x in ids]), tokens=tokens,
-                        tokens_layer=tokens_at)
+                        tokens_layer=tokens_at, post=post)
 
 
 def split_rows(flat: np.ndarray, lengths) -> np.ndarray:
@@ -171,10 +182,12 @@ def _token_views(ids: list, prefix: int, d: int) -> np.ndarray:
     return split_rows(np.empty((sum(lengths), d), np.float32), lengths)
 
 
-def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int, last: np.ndarray,
-                mean: np.ndarray, upto: int | None, reached: list, tokens: np.ndarray | None = None,
-                tokens_at: int | None = None) -> None:
-    """One right-padded batch of text prompts: fill `last`, `mean` (and `tokens`) for its rows."""
+def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, template: tuple[int, int],
+                pooled: tuple[np.ndarray, np.ndarray, np.ndarray], upto: int | None, reached: list,
+                tokens: np.ndarray | None = None, tokens_at: int | None = None) -> None:
+    """One right-padded batch of text prompts: fill the `pooled` (last, mean, post) rows (and `tokens`)
+    of its prompts. `template`: the chat template's (prefix, suffix) lengths around the user's text."""
+    (prefix, suffix), (last, mean, post) = template, pooled
     batch = np.array(batch)
     lengths = [len(ids[i]) for i in batch]
     input_ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)
@@ -194,6 +207,8 @@ def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, prefix: int,
     user[:, :prefix] = 0
     w = (user / user.sum(1, keepdim=True).clamp(min=1))[:, None, :, None]
     mean[batch, layers] = (states * w).sum(2).numpy()
+    ends = torch.tensor(lengths)[:, None] - torch.arange(suffix, 0, -1)      # (b, suffix) positions
+    post[batch, layers] = states[torch.arange(len(batch))[:, None], :, ends].mean(1).numpy()
     if tokens is not None:
         at = states[:, tokens_at if layers == slice(None) else 0].numpy()     # (b, T, d)
         for row, i in enumerate(batch):

@@ -98,6 +98,7 @@ class ProberWeights:
     b2: np.ndarray
     precision: str = "int8"   # or "fp32"
     per_token: bool = False   # risk of every position (batch, sequence) instead of the last one's (batch,)
+    span: int = 1             # else the MLP reads the mean of the last `span` positions (the template's)
 
 
 def quantize_prober_w1(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,8 +121,17 @@ def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
     """risk = sigmoid(l1 - l0) of the MLP on the last position (or on every position), NaN whenever that
     state is not finite. Few nodes: it runs on every decode step too, where its output is not needed."""
     g.scope = "prober/"   # lets the weight quantizer leave these nodes alone
-    # (B, T, d) for a per-token risk, else the last position (B, d); the MLP broadcasts over either
-    x = hidden if p.per_token else g.one("Gather", [hidden, g.const("prober/last", np.array(-1, np.int64))], axis=1)
+    # (B, T, d) for a per-token risk, else the last position or the mean of the last `span` (B, d); the MLP
+    # broadcasts over either. On a decode step (T = 1) the slice is that one position; nobody reads its risk.
+    if p.per_token:
+        x = hidden
+    elif p.span > 1:
+        tail = g.one("Slice", [hidden, g.const("prober/span_start", np.array([-p.span], np.int64)),
+                               g.const("prober/span_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                               g.const("prober/span_axis", np.array([1], np.int64))])
+        x = g.one("ReduceMean", [tail, g.const("prober/span_axis", np.array([1], np.int64))], keepdims=0)
+    else:
+        x = g.one("Gather", [hidden, g.const("prober/last", np.array(-1, np.int64))], axis=1)
     feature_axis = np.array([2 if p.per_token else 1], np.int64)
     if p.precision == "int8":
         q, row, col = quantize_prober_w1(p.w1)

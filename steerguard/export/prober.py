@@ -19,9 +19,10 @@ import numpy as np
 
 from ..errors import SteerguardError
 
-FEATURES = ("last", "mean", "max")  # last prompt token, mean over the user's tokens, max risk over them
-TOKEN_FEATURES = ("max",)             # features read from every token of the user's turn
-ENGINE_FEATURES = ("last", "max")     # what the `pre` engine can compute
+# last prompt token, mean over the user's tokens, max risk over them, mean over the post-instruction tokens
+FEATURES = ("last", "mean", "max", "post")
+TOKEN_FEATURES = ("max",)                 # features read from every token of the user's turn
+ENGINE_FEATURES = ("last", "max", "post")  # what the `pre` engine can compute
 DEFAULT_FEATURE = "max"
 
 
@@ -35,6 +36,7 @@ class Prober:
     b2: np.ndarray              # (2,)
     tau: float = 0.5            # fire when risk >= tau
     metrics: dict = field(default_factory=dict)
+    span: int = 1               # `post`: how many final prompt tokens (the template's) the feature averages
 
     def risk(self, x: np.ndarray) -> np.ndarray:
         """p(harmful) for features `x` (n, d). Non-finite inputs give NaN (the guard fails closed on it)."""
@@ -142,14 +144,14 @@ class Prober:
         np.savez(folder / "prober.npz", w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2)
         (folder / "prober.json").write_text(json.dumps(
             {"layer": self.layer, "feature": self.feature, "tau": self.tau, "hidden": int(self.w1.shape[1]),
-             "metrics": self.metrics}, indent=1))
+             "span": self.span, "metrics": self.metrics}, indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> "Prober":
         meta = json.loads((folder / "prober.json").read_text())
         with np.load(folder / "prober.npz") as w:
             return cls(layer=meta["layer"], feature=meta["feature"], tau=meta["tau"], metrics=meta["metrics"],
-                       w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"])
+                       w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"], span=meta.get("span", 1))
 
 
 def _blocks(rows: list[np.ndarray], size: int = 1 << 13):

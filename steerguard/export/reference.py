@@ -64,7 +64,8 @@ class ReferenceGuard:
         h = hidden_states[p.layer][0]
         if p.per_token:
             return float(p.prompt_risk([h[self.prefix_len:length].float().numpy()])[0])
-        feature = h[-1] if p.feature == "last" else h[self.prefix_len:length].mean(0)
+        feature = {"last": lambda: h[length - 1], "post": lambda: h[length - p.span:length].mean(0),
+                   "mean": lambda: h[self.prefix_len:length].mean(0)}[p.feature]()
         return float(p.risk(feature.float().numpy()[None])[0])
 
     @torch.inference_mode()

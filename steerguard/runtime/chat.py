@@ -76,6 +76,11 @@ class ChatTokenizer:
         return content_start(encode)
 
     @functools.cached_property
+    def prompt_suffix_len(self) -> int:
+        """Tokens the chat template puts after the last user message (end of turn, assistant header)."""
+        return content_end(self.encode_prompt)
+
+    @functools.cached_property
     def prompt_prefix(self) -> list[int]:
         """The token ids the chat template puts before a one-message chat's content."""
         one = [{"role": "user", "content": ""}]
@@ -90,6 +95,14 @@ def content_start(encode: Callable[[str], list[int]]) -> int:
     contents' encodings (one pair alone can share a first token, an unknown word in a small vocabulary)."""
     probes = [encode(c) for c in ("", "alpha", "omega beta")]
     return min(next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+               for x, y in itertools.combinations(probes, 2))
+
+
+def content_end(encode: Callable[[str], list[int]]) -> int:
+    """How many tokens the template puts after a message's content in `encode(content)` (end of turn, the
+    assistant header of the generation prompt): the shortest common suffix of the probe encodings."""
+    probes = [encode(c) for c in ("", "alpha", "omega beta")]
+    return min(next((k for k, (u, v) in enumerate(zip(reversed(x), reversed(y))) if u != v), min(len(x), len(y)))
                for x, y in itertools.combinations(probes, 2))
 
 
