@@ -131,7 +131,8 @@ class Service:
         seed = 0 if req.seed is None else req.seed % 2**64
         temperature = self.default_temperature if req.temperature is None else req.temperature
         return Sampling(max_new_tokens=limit, temperature=temperature,
-                        top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=req.stop_strings())
+                        top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=req.stop_strings(),
+                        ignore_eos=req.ignore_eos)
 
     async def _generate(self, request: Request, req: _Generation, prompt: Prompt, chat: bool) -> Response:
         sampling = self._sampling(req, prompt)

@@ -57,6 +57,7 @@ class _Generation(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False     # an extension (as vLLM's and llama.cpp's servers have): benchmarks ask for exact lengths
     # accepted at their neutral values only
     presence_penalty: Annotated[Finite, Field(ge=0, le=0)] | None = None
     frequency_penalty: Annotated[Finite, Field(ge=0, le=0)] | None = None
