@@ -4,10 +4,7 @@ with finish_reason "content_filter", moderation is the prober, errors are OpenAI
 status, a client that leaves mid-answer frees its row, and the API key and size limits hold."""
 import json
 import shutil
-import subprocess
-import sys
 import threading
-import time
 
 import openai
 import pytest
