@@ -49,3 +49,12 @@ def test_a_damaged_entry_is_recomputed(cache):
     state_path(lm, PROMPTS, 2, None).write_bytes(b"not an npz")
     again = cached_hidden_states(lm, PROMPTS, upto=2)
     np.testing.assert_allclose(again.last[:, 2], first.last[:, 2], atol=1e-6)
+
+
+def test_a_pass_without_token_states_reuses_one_that_kept_them(cache):
+    """Calibrating a last-token or post-instruction prober after a per-token one reads the same entry."""
+    lm = tiny_lm()
+    with_tokens = cached_hidden_states(lm, PROMPTS, upto=2, tokens_at=2)
+    without = cached_hidden_states(lm, PROMPTS, upto=2)
+    assert not state_path(lm, PROMPTS, 2, None).exists()
+    np.testing.assert_array_equal(without.post[:, 2], with_tokens.post[:, 2])

@@ -58,11 +58,13 @@ def cached_hidden_states(lm, prompts: Sequence, batch_size: int = 16, progress: 
     """`extract_hidden_states` for a loaded model, read from the cache when these exact prompts went through
     the same model up to the same layer before, else computed and stored."""
     path = state_path(lm, prompts, upto, tokens_at)
-    if use_cache and path.exists():
+    # an entry that also kept the token states at `upto` holds everything a pass without them computes
+    candidates = [path] + ([state_path(lm, prompts, upto, upto)] if tokens_at is None and upto is not None else [])
+    for found in (c for c in candidates if use_cache and c.exists()):
         try:
-            return _load(path)
+            return _load(found)
         except (OSError, ValueError, KeyError):   # a damaged entry is recomputed
-            path.unlink(missing_ok=True)
+            found.unlink(missing_ok=True)
     hs = extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress, processor=lm.processor,
                                upto=upto, tokens_at=tokens_at)
     if use_cache:
