@@ -150,13 +150,13 @@ class Service:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStreamResponse(answer.stream(pipe, usage), watch, ticket.cancel)
         try:
-            result, admitted = await watch.within(_collect(pipe))
+            result = await watch.within(_collect(pipe))
         except ClientGone:
             return Response(status_code=499)
         finally:
             ticket.cancel()      # no-op once finished; frees the row if the client left
             watch.close()
-        return JSONResponse(answer.complete(result, admitted))
+        return JSONResponse(answer.complete(result))
 
     # ---- POST: moderation ---------------------------------------------------------------------------------
     async def moderations(self, request: Request) -> Response:
@@ -170,13 +170,12 @@ class Service:
             texts = [req.input] if isinstance(req.input, str) else req.input
             if any(not t.strip() for t in texts):
                 raise APIError(400, "input: every text must hold more than whitespace", param="input")
-            requests = [[{"role": "user", "content": t}] for t in texts]
+            jobs = [lambda t=t: self.model.prepare([{"role": "user", "content": t}]) for t in texts]
         else:
-            requests = [self._multimodal_input(req.input)]
+            jobs = [lambda: self.model.prepare(self._multimodal_input(req.input))]
         scored = []
-        for r in requests:   # one prefill up to the prober each, queued like any request
-            prompt = await self._prepare(lambda r=r: self.model.prepare(r), "input")
-            scored.append(await self._score(request, prompt))
+        for job in jobs:   # one prefill up to the prober each, queued like any request
+            scored.append(await self._score(request, await self._prepare(job, "input")))
         results = []
         for s in scored:
             risk = _finite(s.risk)
@@ -252,7 +251,7 @@ class Answer:
         return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
                 "total_tokens": result.prompt_tokens + len(result.token_ids)}
 
-    def complete(self, result: GenerationResult, admitted: Admitted) -> dict:
+    def complete(self, result: GenerationResult) -> dict:
         guard = self.service.guard_info(result.risk, result.fired)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
@@ -296,14 +295,11 @@ class Answer:
         yield sse("[DONE]")
 
 
-async def _collect(pipe: EventPipe) -> tuple[GenerationResult, Admitted | None]:
-    admitted = None
+async def _collect(pipe: EventPipe) -> GenerationResult:
     while True:
         event = await pipe.next()
-        if isinstance(event, Admitted):
-            admitted = event
-        elif isinstance(event, Finished):
-            return event.result, admitted
+        if isinstance(event, Finished):
+            return event.result
         elif isinstance(event, Failed):
             raise _failure(event.error)
 
