@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--soak", type=int, default=2000)
     ap.add_argument("--soak-tokens", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=500, help="Requests (same mix) before the memory baseline.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -127,14 +128,14 @@ def main() -> None:
     with Server(args.bundle, "--max-batch", str(args.clients), "--max-queue", str(4 * args.clients),
                 "--max-len", "512", "--log-requests", threads=args.threads, log=log) as s:
         model = json.loads(s.raw("GET", "/v1/models")[2])["data"][0]["id"]
-        asyncio.run(run_many(s.url, model, 96, args.clients, expected, args.tokens, offset=10**6))   # warm-up
+        asyncio.run(run_many(s.url, model, args.warmup, args.clients, expected, args.tokens, offset=10**6))
         s.wait_idle()
         warm = s.rss_mb()
         t = time.time()
         tally = asyncio.run(run_many(s.url, model, args.requests, args.clients, expected, args.tokens))
         health = s.wait_idle()
         after = s.rss_mb()
-        report["faults"] = {"requests": args.requests, "clients": args.clients, "tokens": args.tokens, **tally,
+        report["faults"] = {"warmup_requests": args.warmup, "requests": args.requests, "clients": args.clients, "tokens": args.tokens, **tally,
                             "seconds": time.time() - t, "rss_after_warmup_mb": warm, "rss_after_mb": after,
                             "rss_change": after / warm - 1, "health_after": health}
         print(json.dumps(report["faults"], indent=1), flush=True)
