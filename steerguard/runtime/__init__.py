@@ -4,7 +4,8 @@
 (which also returns the prober's risk), the guard's decision, then decoding through the plain head
 or, when the guard fired, the refusal head."""
 
+from .batching import ContinuousBatcher
 from .model import GenerationResult, GuardedModel
 from .sampling import Sampling
 
-__all__ = ["GuardedModel", "GenerationResult", "Sampling"]
+__all__ = ["GuardedModel", "GenerationResult", "Sampling", "ContinuousBatcher"]
