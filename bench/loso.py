@@ -29,7 +29,7 @@ from steerguard.export.calibrate import CalibrationConfig, CalibrationData, Cali
 from steerguard.export.data import PromptSet, data_path, load_prompts, load_vlsafe
 from steerguard.export.sas import SASResult
 from steerguard.export.models import load_model
-from steerguard.export.prober import FEATURES, TOKEN_FEATURES, auroc, tpr_at_fpr
+from steerguard.export.prober import FEATURES, auroc, tpr_at_fpr
 from steerguard.export.state_cache import cached_hidden_states
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -79,10 +79,11 @@ def cached_states(lm, prompts: list[str], name: str) -> np.ndarray:
     return cached_hidden_states(lm, prompts, 16, f"hidden states: {name}").last
 
 
-def split_states(lm, prompts: list[str], name: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """At `layer`: last-token states (n, d) and every user token's states (n arrays (t_i, d)), cached."""
+def split_states(lm, prompts: list[str], name: str, layer: int, feature: str) -> tuple[np.ndarray, np.ndarray]:
+    """At `layer`: last-token states (n, d) and the prober's input (`feature`), cached with every user
+    token's states (so every feature reads one entry)."""
     hs = cached_hidden_states(lm, prompts, 16, f"hidden states: {name} (layer {layer})", upto=layer, tokens_at=layer)
-    return hs.last[:, layer], hs.tokens
+    return hs.last[:, layer], hs.feature(feature, layer)
 
 
 def main() -> None:
@@ -91,7 +92,9 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="prober layer (default: argmax SAS on the pairs)")
     ap.add_argument("--feature", choices=[f for f in FEATURES if f != "mean"], default=CalibrationConfig.feature,
                     help="prober input (CalibrationConfig.feature)")
-    ap.add_argument("--per-source", type=int, default=400)
+    ap.add_argument("--per-source", type=int, default=400, help="prompts drawn from each held-out source")
+    ap.add_argument("--max-per-source", type=int, default=CalibrationConfig.max_per_source,
+                    help="calibration rows per shipped source (CalibrationConfig.max_per_source; as `calibrate`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pair-subspace", type=int, default=None,
                     help="confine the prober to the top-K pair-difference directions (CalibrationConfig.pair_subspace)")
@@ -105,7 +108,8 @@ def main() -> None:
     t0 = time.time()
     lm = load_model(args.model)
     cfg = CalibrationConfig(layer=args.layer, seed=args.seed, pair_subspace=args.pair_subspace,
-                            erase_sources=args.erase_sources, feature=args.feature)
+                            erase_sources=args.erase_sources, feature=args.feature,
+                            max_per_source=args.max_per_source)
     rng = random.Random(args.seed + 2)
 
     table = CalibrationTable.build(CalibrationData.default(), cfg)
@@ -113,12 +117,10 @@ def main() -> None:
     sas_states = cached_states(lm, [table.texts[i + side] for i in sas_rows for side in (0, 1)], "sas")
     sas = SASResult.compute(sas_states[0::2], sas_states[1::2])
     layer = args.layer if args.layer is not None else sas.best_layer
-    tokens = cfg.feature in TOKEN_FEATURES
 
     def states(prompts: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
         """(last-token states, the prober's input) at the layer."""
-        last, per_token = split_states(lm, prompts, name, layer)
-        return last, per_token if tokens else last
+        return split_states(lm, prompts, name, layer, cfg.feature)
 
     pair_rows = 2 * len(table.pairs)
     base_last, base = states(table.texts, "calibration")
