@@ -29,17 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loso import held_out_sources, never_calibrated_sets  # noqa: E402
 
 from steerguard.export.calibrate import CalibrationConfig, CalibrationData, CalibrationTable  # noqa: E402
-from steerguard.export.hidden import chat_ids, template_prefix_len  # noqa: E402
+from steerguard.export.hidden import chat_ids, template_prefix_len, template_suffix_len  # noqa: E402
 from steerguard.export.models import cache_dir, load_model  # noqa: E402
-
-
-def template_suffix_len(tokenizer) -> int:
-    """Tokens the chat template puts after every user message (end of turn, assistant header)."""
-    a, b = chat_ids(tokenizer, "alpha beta"), chat_ids(tokenizer, "gamma delta epsilon")
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
 
 
 def study_rows(per_source: int, held_out: int, seed: int = 0) -> list[dict]:

@@ -64,8 +64,8 @@ class ReferenceGuard:
         h = hidden_states[p.layer][0]
         if p.per_token:
             return float(p.prompt_risk([h[self.prefix_len:length].float().numpy()])[0])
-        feature = {"last": lambda: h[length - 1], "post": lambda: h[length - p.span:length].mean(0),
-                   "mean": lambda: h[self.prefix_len:length].mean(0)}[p.feature]()
+        start = {"last": length - 1, "post": length - p.span, "mean": self.prefix_len}[p.feature]
+        feature = h[start:length].mean(0)
         return float(p.risk(feature.float().numpy()[None])[0])
 
     @torch.inference_mode()

@@ -48,8 +48,9 @@ def state_key(fingerprint: str, prompts: Sequence, upto: int | None, tokens_at: 
     return h.hexdigest()[:20]
 
 
-def state_path(lm, prompts: Sequence, upto: int | None, tokens_at: int | None) -> Path:
-    return cache_dir() / "hidden" / f"{lm.name}-{state_key(model_fingerprint(lm), prompts, upto, tokens_at)}.npz"
+def state_path(lm, prompts: Sequence, upto: int | None, tokens_at: int | None, fingerprint: str | None = None) -> Path:
+    key = state_key(fingerprint or model_fingerprint(lm), prompts, upto, tokens_at)
+    return cache_dir() / "hidden" / f"{lm.name}-{key}.npz"
 
 
 def cached_hidden_states(lm, prompts: Sequence, batch_size: int = 16, progress: bool | str = False,
@@ -57,18 +58,22 @@ def cached_hidden_states(lm, prompts: Sequence, batch_size: int = 16, progress: 
                          ) -> HiddenStates:
     """`extract_hidden_states` for a loaded model, read from the cache when these exact prompts went through
     the same model up to the same layer before, else computed and stored."""
-    path = state_path(lm, prompts, upto, tokens_at)
+    hs_of = lambda: extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress,  # noqa: E731
+                                          processor=lm.processor, upto=upto, tokens_at=tokens_at)
+    if not use_cache:
+        return hs_of()
+    fingerprint = model_fingerprint(lm)
+    path = state_path(lm, prompts, upto, tokens_at, fingerprint)
     # an entry that also kept the token states at `upto` holds everything a pass without them computes
-    candidates = [path] + ([state_path(lm, prompts, upto, upto)] if tokens_at is None and upto is not None else [])
-    for found in (c for c in candidates if use_cache and c.exists()):
+    candidates = [path] + ([state_path(lm, prompts, upto, upto, fingerprint)]
+                           if tokens_at is None and upto is not None else [])
+    for found in (c for c in candidates if c.exists()):
         try:
             return _load(found)
         except (OSError, ValueError, KeyError):   # a damaged entry is recomputed
             found.unlink(missing_ok=True)
-    hs = extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress, processor=lm.processor,
-                               upto=upto, tokens_at=tokens_at)
-    if use_cache:
-        _save(hs, path, upto)
+    hs = hs_of()
+    _save(hs, path, upto)
     return hs
 
 

@@ -76,11 +76,6 @@ class ChatTokenizer:
         return content_start(encode)
 
     @functools.cached_property
-    def prompt_suffix_len(self) -> int:
-        """Tokens the chat template puts after the last user message (end of turn, assistant header)."""
-        return content_end(self.encode_prompt)
-
-    @functools.cached_property
     def prompt_prefix(self) -> list[int]:
         """The token ids the chat template puts before a one-message chat's content."""
         one = [{"role": "user", "content": ""}]
