@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import SteerguardError
+from ..runtime.chat import ChatTokenizer
 from ..runtime.manifest import MANIFEST, SCHEMA
+from .chat_pieces import chat_pieces
 from .arch import DecoderSpec
 from .guard import Guard
 from .prober import ENGINE_FEATURES
@@ -141,7 +143,8 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         "cache": {"inputs": list(past_names("{i}")), "outputs": list(present_names("{i}")),
                   "layout": "batch, kv_heads, sequence, head_dim", "shared_buffer": True},
         "tokenizer": {"file": "tokenizer/tokenizer.json", "config": "tokenizer/tokenizer_config.json",
-                      "chat_template": "tokenizer/chat_template.jinja"},
+                      "chat_template": "tokenizer/chat_template.jinja",
+                      "chat_pieces": _template_pieces(tmp / "tokenizer")},
         "generation": {"stop_token_ids": end_of_turn_ids(lm.tokenizer), "max_new_tokens": 256, "temperature": 0.0},
     }
     manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -170,6 +173,12 @@ def _weight_counts(model) -> tuple[int, int]:
               if n.op_type == "MatMul" and n.input[1] in inits and not n.name.startswith(PROBER_SCOPE)}
     w = sum(inits[k] for k in matmul)
     return w, sum(inits.values()) - w
+
+
+def _template_pieces(folder: Path) -> dict | None:
+    """The chat template as text pieces for the C library, checked against the runtime's own renderer."""
+    tok = ChatTokenizer(folder / "tokenizer.json", folder / "tokenizer_config.json", folder / "chat_template.jinja")
+    return chat_pieces(tok.render)
 
 
 def _write_tokenizer(lm: LoadedModel, folder: Path) -> None:

@@ -1,0 +1,287 @@
+#include "bundle.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static const char *PRECISIONS[] = {"fp32", "fp16", "int8", "int4"};
+
+static char *dup_str(const cJSON *o, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) ? strdup(v->valuestring) : NULL;
+}
+
+static int get_int(const cJSON *o, const char *key, int32_t *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!cJSON_IsNumber(v)) return -1;
+    *out = v->valueint;
+    return 0;
+}
+
+static long long file_size(const char *path) {
+    struct stat s;
+    return stat(path, &s) ? -1 : (long long)s.st_size;
+}
+
+/* Bytes an engine stores at a precision (runtime/manifest.py: expected_engine_bytes). */
+static double expected_bytes(int precision, double matmul, double other, double block) {
+    static const double fixed[] = {4.0, 2.0, 1.0, 0.5};
+    double per = precision >= 2 ? fixed[precision] + 4.0 / block : fixed[precision];
+    return matmul * per + other * (precision == 1 ? 2.0 : 4.0);
+}
+
+static sg_status check_precision(const sg_bundle *b, const cJSON *e, const char *manifest_path) {
+    const cJSON *name_item = cJSON_GetObjectItemCaseSensitive(e, "name");
+    const cJSON *role_item = cJSON_GetObjectItemCaseSensitive(e, "role");
+    const cJSON *file_item = cJSON_GetObjectItemCaseSensitive(e, "file");
+    if (!cJSON_IsString(name_item) || !cJSON_IsString(role_item) || !cJSON_IsString(file_item))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: an engine lacks a name, role or file", manifest_path);
+    const char *name = name_item->valuestring;
+    const cJSON *claimed = cJSON_GetObjectItemCaseSensitive(e, "precision");
+    int claim = -1;
+    for (int p = 0; p < 4; p++)
+        if (cJSON_IsString(claimed) && !strcmp(claimed->valuestring, PRECISIONS[p])) claim = p;
+    if (claim < 0) return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: engine %s has an unknown precision", manifest_path, name);
+    const char *role = role_item->valuestring;
+    const cJSON *mm = cJSON_GetObjectItemCaseSensitive(e, "matmul_weights");
+    if ((strcmp(role, "decoder") && strcmp(role, "head")) || !cJSON_IsNumber(mm) || mm->valuedouble == 0) return SG_OK;
+    const cJSON *other = cJSON_GetObjectItemCaseSensitive(e, "other_weights");
+    const cJSON *block = cJSON_GetObjectItemCaseSensitive(e, "block_size");
+    double size = 0;
+    const cJSON *f;
+    char *p = sg_join_path(b->root, file_item->valuestring);
+    size += (double)file_size(p);
+    free(p);
+    cJSON_ArrayForEach(f, cJSON_GetObjectItemCaseSensitive(e, "data_files")) {
+        if (!cJSON_IsString(f)) continue;
+        p = sg_join_path(b->root, f->valuestring);
+        size += (double)file_size(p);
+        free(p);
+    }
+    int looks = 0;
+    double best = INFINITY;
+    for (int q = 0; q < 4; q++) {
+        double d = fabs(expected_bytes(q, mm->valuedouble, cJSON_IsNumber(other) ? other->valuedouble : 0,
+                                       cJSON_IsNumber(block) ? block->valuedouble : 32) -
+                        size);
+        if (d < best) best = d, looks = q;
+    }
+    if (looks != claim)
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE,
+                       "%s/%s: the manifest says %s, but the engine's %.1f MB fit %s; "
+                       "re-export the bundle",
+                       b->root, file_item->valuestring, PRECISIONS[claim], size / 1e6, PRECISIONS[looks]);
+    return SG_OK;
+}
+
+static sg_status check_files(const sg_bundle *b, const cJSON *root, int verify, const char *manifest_path) {
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(root, "files");
+    const cJSON *e, *f;
+    if (!cJSON_IsObject(files))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: no 'files' entry; re-export the bundle", manifest_path);
+    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(root, "engines")) {
+        const cJSON *file = cJSON_GetObjectItemCaseSensitive(e, "file");
+        if (!cJSON_IsString(file) || !cJSON_GetObjectItemCaseSensitive(files, file->valuestring))
+            return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: an engine file has no recorded sha256", manifest_path);
+        cJSON_ArrayForEach(f, cJSON_GetObjectItemCaseSensitive(e, "data_files")) {
+            if (!cJSON_IsString(f) || !cJSON_GetObjectItemCaseSensitive(files, f->valuestring))
+                return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: engine file %s has no recorded sha256", manifest_path,
+                               cJSON_IsString(f) ? f->valuestring : "?");
+        }
+    }
+    cJSON_ArrayForEach(f, files) {
+        char *path = sg_join_path(b->root, f->string);
+        if (!path) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+        struct stat s;
+        char digest[65];
+        sg_status st = SG_OK;
+        if (stat(path, &s) || !S_ISREG(s.st_mode))
+            st = sg_fail(SG_ERR_IO, "%s: missing from the bundle; copy the whole bundle folder again", path);
+        else if (verify && (!cJSON_IsString(f) || sg_sha256_file(path, digest) || strcmp(digest, f->valuestring)))
+            st = sg_fail(SG_ERR_CORRUPT_BUNDLE,
+                         "%s: sha256 does not match the manifest (corrupt or modified); "
+                         "copy the bundle again or re-export it",
+                         path);
+        free(path);
+        if (st != SG_OK) return st;
+    }
+    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(root, "engines")) {
+        sg_status st = check_precision(b, e, manifest_path);
+        if (st != SG_OK) return st;
+    }
+    return SG_OK;
+}
+
+static sg_status read_chat(sg_bundle *b, const cJSON *pieces) {
+    if (!cJSON_IsObject(pieces)) return SG_OK; /* older bundles, or a template that is not plain pieces */
+    const cJSON *open = cJSON_GetObjectItemCaseSensitive(pieces, "open");
+    const cJSON *close = cJSON_GetObjectItemCaseSensitive(pieces, "close");
+    sg_chat_pieces *c = &b->chat;
+    c->head = dup_str(pieces, "head");
+    c->head_system = dup_str(pieces, "head_system");
+    c->generation_prompt = dup_str(pieces, "generation_prompt");
+    c->open_user = dup_str(open, "user");
+    c->open_assistant = dup_str(open, "assistant");
+    c->close_system = dup_str(close, "system");
+    c->close_user = dup_str(close, "user");
+    c->close_assistant = dup_str(close, "assistant");
+    b->has_chat = c->head && c->head_system && c->generation_prompt && c->open_user && c->open_assistant &&
+                  c->close_system && c->close_user && c->close_assistant;
+    return SG_OK;
+}
+
+static sg_status read_engines(sg_bundle *b, const cJSON *engines, const char *manifest_path) {
+    int n = cJSON_GetArraySize(engines);
+    b->engines = calloc(n > 0 ? (size_t)n : 1, sizeof *b->engines);
+    if (!b->engines) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    const cJSON *e;
+    cJSON_ArrayForEach(e, engines) {
+        sg_engine_spec *s = &b->engines[b->n_engines++];
+        const cJSON *file = cJSON_GetObjectItemCaseSensitive(e, "file");
+        s->name = dup_str(e, "name");
+        s->role = dup_str(e, "role");
+        s->path = cJSON_IsString(file) ? sg_join_path(b->root, file->valuestring) : NULL;
+        if (!s->name || !s->role || !s->path)
+            return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: an engine lacks a name, role or file", manifest_path);
+        const cJSON *phase = cJSON_GetObjectItemCaseSensitive(e, "phase");
+        s->phase = !cJSON_IsString(phase)                   ? PHASE_BOTH
+                   : !strcmp(phase->valuestring, "prefill") ? PHASE_PREFILL
+                                                            : PHASE_DECODE;
+        const cJSON *layers = cJSON_GetObjectItemCaseSensitive(e, "layers");
+        if (!strcmp(s->role, "decoder")) {
+            if (!cJSON_IsArray(layers) || cJSON_GetArraySize(layers) != 2)
+                return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: decoder %s has no layer range", manifest_path, s->name);
+            s->first_layer = cJSON_GetArrayItem(layers, 0)->valueint;
+            s->end_layer = cJSON_GetArrayItem(layers, 1)->valueint;
+        }
+        if (!strcmp(s->role, "vision"))
+            return sg_fail(SG_ERR_UNSUPPORTED,
+                           "%s: a multimodal bundle (vision engine); the C library runs text "
+                           "bundles only, use the Python runtime",
+                           b->root);
+    }
+    /* each phase's decoders cover the layers 0..n-1 in order */
+    for (int phase = PHASE_PREFILL; phase <= PHASE_DECODE; phase++) {
+        int32_t next = 0;
+        for (size_t i = 0; i < b->n_engines; i++) {
+            const sg_engine_spec *s = &b->engines[i];
+            if (strcmp(s->role, "decoder") || (s->phase != PHASE_BOTH && (int)s->phase != phase)) continue;
+            if (s->first_layer != next) next = -1;
+            if (next >= 0) next = s->end_layer;
+        }
+        if (next != b->num_layers)
+            return sg_fail(SG_ERR_CORRUPT_BUNDLE,
+                           "%s: the %s engines do not cover layers 0-%d in order; the manifest "
+                           "is damaged, re-export the bundle",
+                           b->root, phase == PHASE_PREFILL ? "prefill" : "decode", b->num_layers - 1);
+    }
+    return SG_OK;
+}
+
+static sg_status parse(sg_bundle *b, const cJSON *root, int verify, const char *manifest_path) {
+    const cJSON *format = cJSON_GetObjectItemCaseSensitive(root, "format");
+    if (!cJSON_IsString(format) || strcmp(format->valuestring, "steerguard-bundle"))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: not a steerguard bundle manifest", manifest_path);
+    int32_t schema = 0;
+    if (get_int(root, "schema", &schema) || schema != 1)
+        return sg_fail(SG_ERR_UNSUPPORTED, "%s: bundle schema %d, this library reads schema 1; re-export the bundle",
+                       manifest_path, schema);
+    static const char *required[] = {"model", "engines", "files", "tokenizer", "generation"};
+    for (size_t i = 0; i < 5; i++)
+        if (!cJSON_GetObjectItemCaseSensitive(root, required[i]))
+            return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: no '%s' entry; re-export the bundle", manifest_path,
+                           required[i]);
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
+    b->name = dup_str(model, "name");
+    b->precision = dup_str(root, "precision");
+    if (!b->name || !b->precision || get_int(model, "num_layers", &b->num_layers) ||
+        get_int(model, "hidden_size", &b->hidden_size) || get_int(model, "vocab_size", &b->vocab_size) ||
+        get_int(model, "num_kv_heads", &b->kv_heads) || get_int(model, "head_dim", &b->head_dim) ||
+        get_int(model, "context", &b->context))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: the model entry is incomplete; re-export the bundle", manifest_path);
+    const cJSON *mrope = cJSON_GetObjectItemCaseSensitive(model, "mrope");
+    const cJSON *vision = cJSON_GetObjectItemCaseSensitive(root, "vision");
+    if ((mrope && !cJSON_IsNull(mrope)) || (vision && !cJSON_IsNull(vision)))
+        return sg_fail(SG_ERR_UNSUPPORTED,
+                       "%s: a multimodal bundle; the C library runs text bundles only, use the "
+                       "Python runtime",
+                       b->root);
+    sg_status st = check_files(b, root, verify, manifest_path);
+    if (st != SG_OK) return st;
+    if ((st = read_engines(b, cJSON_GetObjectItemCaseSensitive(root, "engines"), manifest_path)) != SG_OK) return st;
+    const cJSON *guard = cJSON_GetObjectItemCaseSensitive(root, "guard");
+    b->split_layer = -1;
+    b->tau = NAN;
+    if (cJSON_IsObject(guard)) {
+        const cJSON *tau = cJSON_GetObjectItemCaseSensitive(guard, "tau");
+        const cJSON *feature = cJSON_GetObjectItemCaseSensitive(guard, "feature");
+        if (!cJSON_IsNumber(tau) || get_int(guard, "split_layer", &b->split_layer))
+            return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: the guard entry lacks tau or split_layer", manifest_path);
+        b->guarded = 1;
+        b->tau = (float)tau->valuedouble;
+        b->risk_per_token = cJSON_IsString(feature) && !strcmp(feature->valuestring, "max");
+    }
+    const cJSON *stops =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "generation"), "stop_token_ids");
+    int n = cJSON_GetArraySize(stops);
+    b->stop_ids = calloc(n > 0 ? (size_t)n : 1, sizeof *b->stop_ids);
+    if (!b->stop_ids) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    const cJSON *s;
+    cJSON_ArrayForEach(s, stops) b->stop_ids[b->n_stop_ids++] = s->valueint;
+    const cJSON *tok = cJSON_GetObjectItemCaseSensitive(root, "tokenizer");
+    const cJSON *file = cJSON_GetObjectItemCaseSensitive(tok, "file");
+    if (!cJSON_IsString(file)) return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: no tokenizer file", manifest_path);
+    b->tokenizer_path = sg_join_path(b->root, file->valuestring);
+    return read_chat(b, cJSON_GetObjectItemCaseSensitive(tok, "chat_pieces"));
+}
+
+sg_status sg_bundle_load(const char *root, int verify, sg_bundle *b) {
+    memset(b, 0, sizeof *b);
+    struct stat s;
+    if (stat(root, &s) || !S_ISDIR(s.st_mode))
+        return sg_fail(SG_ERR_IO, "%s: no such bundle folder (make one with `steerguard export`)", root);
+    b->root = strdup(root);
+    char *manifest_path = sg_join_path(root, "manifest.json");
+    if (!b->root || !manifest_path) {
+        free(manifest_path);
+        return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    sg_status st;
+    size_t len;
+    char *text = NULL;
+    if (stat(manifest_path, &s))
+        st = sg_fail(SG_ERR_IO, "%s: missing; %s is not a steerguard bundle", manifest_path, root);
+    else
+        text = sg_read_file(manifest_path, &len, &st);
+    if (text) {
+        cJSON *json = cJSON_ParseWithLength(text, len);
+        st = json ? parse(b, json, verify, manifest_path)
+                  : sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: not valid JSON; re-export the bundle", manifest_path);
+        cJSON_Delete(json);
+        free(text);
+    }
+    free(manifest_path);
+    if (st != SG_OK) sg_bundle_free(b);
+    return st;
+}
+
+void sg_bundle_free(sg_bundle *b) {
+    for (size_t i = 0; i < b->n_engines; i++) {
+        free(b->engines[i].name);
+        free(b->engines[i].role);
+        free(b->engines[i].path);
+    }
+    free(b->engines);
+    free(b->stop_ids);
+    free(b->tokenizer_path);
+    free(b->root);
+    free(b->name);
+    free(b->precision);
+    sg_chat_pieces *c = &b->chat;
+    char *pieces[] = {c->head,           c->head_system,  c->generation_prompt, c->open_user,
+                      c->open_assistant, c->close_system, c->close_user,        c->close_assistant};
+    for (size_t i = 0; i < sizeof pieces / sizeof *pieces; i++) free(pieces[i]);
+    memset(b, 0, sizeof *b);
+}

@@ -1,0 +1,40 @@
+/* A bundle's manifest: read, checked and every file verified the way the Python loader does. */
+#ifndef SG_BUNDLE_H
+#define SG_BUNDLE_H
+
+#include <stdint.h>
+
+#include "common.h"
+
+typedef enum { PHASE_BOTH, PHASE_PREFILL, PHASE_DECODE } sg_phase;
+
+typedef struct {
+    char *name, *role, *path; /* path: absolute or relative to the working directory */
+    sg_phase phase;
+    int32_t first_layer, end_layer; /* decoders: layers [first, end) */
+} sg_engine_spec;
+
+typedef struct {
+    char *head, *head_system, *generation_prompt;
+    char *open_user, *open_assistant;
+    char *close_system, *close_user, *close_assistant;
+} sg_chat_pieces;
+
+typedef struct {
+    char *root, *name, *precision;
+    int32_t num_layers, hidden_size, vocab_size, kv_heads, head_dim, context;
+    int32_t guarded, split_layer, risk_per_token;
+    float tau;
+    sg_engine_spec *engines;
+    size_t n_engines;
+    int32_t *stop_ids;
+    size_t n_stop_ids;
+    char *tokenizer_path;
+    int has_chat;
+    sg_chat_pieces chat;
+} sg_bundle;
+
+sg_status sg_bundle_load(const char *root, int verify_hashes, sg_bundle *out);
+void sg_bundle_free(sg_bundle *b);
+
+#endif

@@ -1,0 +1,76 @@
+/* Internals shared by the library's modules: the loaded model and its engine chain on onnxruntime. */
+#ifndef SG_MODEL_H
+#define SG_MODEL_H
+
+#include <onnxruntime_c_api.h>
+
+#include "bundle.h"
+#include "common.h"
+#include "tokenizer.h"
+
+extern const OrtApi *sg_ort;
+
+typedef struct {
+    const sg_engine_spec *spec;
+    OrtSession *session;
+    char **inputs, **outputs;
+    size_t n_inputs, n_outputs;
+    const char *hidden_output; /* "hidden_states" or "last_hidden_state" (decoders) */
+    int has_risk;
+} sg_engine;
+
+struct sg_model {
+    sg_bundle bundle;
+    sg_tokenizer *tokenizer;
+    sg_engine *engines;
+    size_t n_engines;
+    sg_engine *embed, *head, *refusal;
+    sg_engine **prefill, **decode; /* decoder chains, in layer order */
+    size_t n_prefill, n_decode;
+    size_t risk_engine; /* index in `prefill` of the engine with the prober */
+    char **past_key, **past_value, **present_key, **present_value;
+    OrtMemoryInfo *cpu;
+};
+
+typedef struct {
+    float **keys, **values; /* per layer: (1, kv_heads, max_len, head_dim) */
+    OrtValue **key_values, **value_values;
+    int layers;
+    int64_t max_len;
+} sg_kv_cache;
+
+typedef struct {
+    int32_t seqlens; /* tokens in the cache after this run, minus one */
+    int32_t total;   /* width the attention reads */
+} sg_attention;
+
+/* onnxruntime: one environment with one intra-op pool per process, shared by every session */
+sg_status sg_ort_check(OrtStatus *s, const char *what);
+sg_status sg_env_acquire(int threads);
+void sg_env_release(void);
+
+/* the bundle's engines: sessions, their input and output names, the decoder chains */
+sg_status sg_engines_load(sg_model *m, int threads);
+char **sg_layer_names(int n, const char *fmt);
+void sg_free_names(char **names, size_t n);
+
+/* the KV cache and one run of an engine */
+sg_status sg_tensor(const sg_model *m, void *data, size_t bytes, const int64_t *shape, size_t rank,
+                    ONNXTensorElementDataType type, OrtValue **out);
+sg_status sg_cache_new(const sg_model *m, int layers, int64_t max_len, sg_kv_cache *c);
+void sg_cache_free(sg_kv_cache *c);
+/* One decoder engine over activations `x` (1, n, d): the cache's rows are both its past and its present
+ * (onnxruntime's attention updates the shared buffer in place). Returns its hidden output in *hidden
+ * (allocated by onnxruntime unless `hidden_into` is given) and, when asked, its risk output. */
+sg_status sg_run_decoder(const sg_model *m, const sg_engine *e, OrtValue *x, const sg_attention *att, sg_kv_cache *c,
+                         OrtValue *hidden_into, OrtValue **hidden, OrtValue **risk);
+float *sg_value_floats(OrtValue *v);
+/* Run a prompt through chain[0..n_chain): embed, then each decoder; the last token's hidden state and the
+ * prober's risk (NaN when no engine of the chain has it). */
+sg_status sg_prefill(const sg_model *m, const int32_t *ids, size_t n, size_t user_start, sg_engine **chain,
+                     size_t n_chain, sg_kv_cache *c, float *last, float *risk);
+
+/* chat messages -> token ids, and where the last user message's content begins */
+sg_status sg_encode_chat_ids(const sg_model *m, const sg_message *msgs, size_t n, sg_tokens *out, size_t *user_start);
+
+#endif

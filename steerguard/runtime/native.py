@@ -1,0 +1,200 @@
+"""libsteerguard (the C library in csrc/) from Python through ctypes: for applications that want the C
+runtime's answers in-process, and for the tests and benchmarks that hold it to the Python runtime.
+
+    lib = NativeLibrary.load("build/c/libsteerguard.so")
+    with lib.model("runs/demo-bundle", threads=2) as m:
+        print(m.generate([{"role": "user", "content": "Hi"}], max_new_tokens=32).text)
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import SteerguardError
+
+FINISH_REASONS = ("stop", "stop_string", "length")
+CANCELLED = 7
+
+
+class _LoadOptions(C.Structure):
+    _fields_ = [("threads", C.c_int32), ("verify_hashes", C.c_int32)]
+
+
+class _Message(C.Structure):
+    _fields_ = [("role", C.c_char_p), ("content", C.c_char_p)]
+
+
+class _Tokens(C.Structure):
+    _fields_ = [("ids", C.POINTER(C.c_int32)), ("count", C.c_size_t)]
+
+
+class _Sampling(C.Structure):
+    _fields_ = [("max_new_tokens", C.c_int32), ("temperature", C.c_float), ("top_k", C.c_int32),
+                ("top_p", C.c_float), ("seed", C.c_uint64), ("stop", C.POINTER(C.c_char_p)),
+                ("n_stop", C.c_size_t), ("ignore_eos", C.c_int32)]
+
+
+class _Result(C.Structure):
+    _fields_ = [("text", C.c_void_p), ("text_length", C.c_size_t), ("token_ids", C.POINTER(C.c_int32)), ("n_tokens", C.c_size_t),
+                ("prompt_tokens", C.c_size_t), ("risk", C.c_float), ("fired", C.c_int32),
+                ("split_layer", C.c_int32), ("finish_reason", C.c_int), ("prefill_seconds", C.c_double),
+                ("first_token_seconds", C.c_double), ("decode_seconds", C.c_double)]
+
+
+_Callback = C.CFUNCTYPE(C.c_int, C.c_int32, C.POINTER(C.c_char), C.c_size_t, C.c_void_p)
+
+
+class NativeError(SteerguardError):
+    """A failed libsteerguard call: `status` is its sg_status name."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class NativeResult:
+    text: str
+    token_ids: list[int]
+    risk: float
+    fired: bool
+    split_layer: int
+    finish_reason: str
+    prompt_tokens: int
+    prefill_s: float
+    first_token_s: float
+    decode_s: float
+
+
+class NativeLibrary:
+    def __init__(self, lib: C.CDLL):
+        self.lib = lib
+        lib.sg_last_error.restype = C.c_char_p
+        lib.sg_status_name.restype = C.c_char_p
+        lib.sg_version.restype = C.c_char_p
+        lib.sg_model_load.argtypes = [C.c_char_p, C.POINTER(_LoadOptions), C.POINTER(C.c_void_p)]
+        lib.sg_model_free.argtypes = [C.c_void_p]
+        lib.sg_tokenize.argtypes = [C.c_void_p, C.c_char_p, C.c_size_t, C.POINTER(_Tokens)]
+        lib.sg_encode_chat.argtypes = [C.c_void_p, C.POINTER(_Message), C.c_size_t, C.POINTER(_Tokens)]
+        lib.sg_tokens_free.argtypes = [C.POINTER(_Tokens)]
+        lib.sg_detokenize.argtypes = [C.c_void_p, C.POINTER(C.c_int32), C.c_size_t, C.POINTER(C.c_void_p),
+                                      C.POINTER(C.c_size_t)]
+        lib.sg_string_free.argtypes = [C.c_void_p]
+        lib.sg_generate.argtypes = [C.c_void_p, C.POINTER(_Message), C.c_size_t, C.POINTER(_Sampling), _Callback,
+                                    C.c_void_p, C.POINTER(_Result)]
+        lib.sg_generate_ids.argtypes = [C.c_void_p, C.POINTER(C.c_int32), C.c_size_t, C.POINTER(_Sampling), _Callback,
+                                        C.c_void_p, C.POINTER(_Result)]
+        lib.sg_result_free.argtypes = [C.POINTER(_Result)]
+        lib.sg_score.argtypes = [C.c_void_p, C.POINTER(_Message), C.c_size_t, C.POINTER(C.c_float),
+                                 C.POINTER(C.c_int32)]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NativeLibrary":
+        try:
+            return cls(C.CDLL(str(path)))
+        except OSError as e:
+            raise SteerguardError(f"{path}: cannot load libsteerguard ({e}); build it with "
+                                  "`cmake -S csrc -B build/c && cmake --build build/c`") from e
+
+    @property
+    def version(self) -> str:
+        return self.lib.sg_version().decode()
+
+    def check(self, status: int) -> None:
+        if status:
+            raise NativeError(self.lib.sg_status_name(status).decode(), self.lib.sg_last_error().decode(errors="replace"))
+
+    def model(self, bundle: str | Path, threads: int = 0, verify: bool = True) -> "NativeModel":
+        handle = C.c_void_p()
+        self.check(self.lib.sg_model_load(str(bundle).encode(), C.byref(_LoadOptions(threads, int(verify))),
+                                          C.byref(handle)))
+        return NativeModel(self, handle)
+
+
+def _messages(messages: Sequence[dict]) -> tuple[C.Array, list]:
+    encoded = [(m["role"].encode(), m["content"].encode() if isinstance(m["content"], str) else m["content"])
+               for m in messages]
+    return (_Message * max(len(encoded), 1))(*[_Message(r, c) for r, c in encoded]), encoded
+
+
+class NativeModel:
+    """A bundle loaded by libsteerguard; free it with close() or a with-block."""
+
+    def __init__(self, lib: NativeLibrary, handle: C.c_void_p):
+        self.native, self.handle = lib, handle
+
+    def close(self) -> None:
+        if self.handle:
+            self.native.lib.sg_model_free(self.handle)
+            self.handle = None
+
+    def __enter__(self) -> "NativeModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _take_tokens(self, tokens: _Tokens) -> list[int]:
+        ids = [tokens.ids[i] for i in range(tokens.count)]
+        self.native.lib.sg_tokens_free(C.byref(tokens))
+        return ids
+
+    def tokenize(self, text: str | bytes) -> list[int]:
+        data = text.encode() if isinstance(text, str) else text
+        tokens = _Tokens()
+        self.native.check(self.native.lib.sg_tokenize(self.handle, data, len(data), C.byref(tokens)))
+        return self._take_tokens(tokens)
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        array, _keep = _messages(messages)
+        tokens = _Tokens()
+        self.native.check(self.native.lib.sg_encode_chat(self.handle, array, len(messages), C.byref(tokens)))
+        return self._take_tokens(tokens)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        out, length = C.c_void_p(), C.c_size_t()
+        array = (C.c_int32 * max(len(ids), 1))(*ids)
+        self.native.check(self.native.lib.sg_detokenize(self.handle, array, len(ids), C.byref(out), C.byref(length)))
+        text = C.string_at(out.value, length.value).decode()
+        self.native.lib.sg_string_free(out)
+        return text
+
+    def score(self, messages: Sequence[dict]) -> tuple[float, bool]:
+        array, _keep = _messages(messages)
+        risk, fired = C.c_float(), C.c_int32()
+        self.native.check(self.native.lib.sg_score(self.handle, array, len(messages), C.byref(risk), C.byref(fired)))
+        return risk.value, bool(fired.value)
+
+    def generate(self, request: Sequence[dict] | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 on_token: Callable[[int, str], bool | None] | None = None) -> NativeResult:
+        """Answer chat messages (dicts) or chat-formatted token ids; `on_token(token, piece)` returning
+        True cancels."""
+        stops = (C.c_char_p * max(len(stop), 1))(*[s.encode() for s in stop])
+        sampling = _Sampling(max_new_tokens, temperature, top_k, top_p, seed, stops if stop else None, len(stop),
+                             int(ignore_eos))
+
+        def callback(token, piece, length, _user):
+            return 1 if on_token(token, C.string_at(piece, length).decode(errors="replace")) else 0
+
+        cb = _Callback(callback) if on_token else _Callback()
+        result = _Result()
+        lib = self.native.lib
+        if request and all(isinstance(t, int) for t in request):
+            ids = (C.c_int32 * len(request))(*request)
+            status = lib.sg_generate_ids(self.handle, ids, len(request), C.byref(sampling), cb, None, C.byref(result))
+        else:
+            array, _keep = _messages(request)
+            status = lib.sg_generate(self.handle, array, len(request), C.byref(sampling), cb, None, C.byref(result))
+        self.native.check(status)
+        out = NativeResult(
+            text=C.string_at(result.text, result.text_length).decode(), token_ids=[result.token_ids[i] for i in range(result.n_tokens)],
+            risk=result.risk, fired=bool(result.fired), split_layer=result.split_layer,
+            finish_reason=FINISH_REASONS[result.finish_reason], prompt_tokens=result.prompt_tokens,
+            prefill_s=result.prefill_seconds, first_token_s=result.first_token_seconds, decode_s=result.decode_seconds)
+        lib.sg_result_free(C.byref(result))
+        return out
