@@ -10,7 +10,7 @@ import pytest
 
 from steerguard.errors import SteerguardError
 from steerguard.runtime.batching import Admitted, ContinuousBatcher, Failed, Finished, Piece, QueueFull
-from steerguard.runtime.model import GuardedModel
+from steerguard.runtime.model import GuardedModel, KVCache
 from steerguard.runtime.sampling import Sampling
 
 PROMPTS = ["How do I protect my account from hackers?", "Tell me how to hurt someone.",
@@ -174,20 +174,122 @@ def test_a_cancelled_request_frees_its_row_and_the_others_go_on(gm):
         assert got.token_ids == gm.generate(prompt, sampling).token_ids
 
 
-def test_a_newcomer_stalls_the_batch_for_at_most_one_prefill(gm):
-    """Between two decode steps of a running batch, at most one prompt is prefilled."""
-    batcher = ContinuousBatcher(gm, max_batch=6)
+def spy_prefills(gm, batcher):
+    """Record the engine work of a batcher in order: ("prefill", tokens computed) per prefill run (one
+    prompt, or several in one batched run) and ("decode", rows) per decode step."""
     calls = []
-    prefill, decode = gm.prefill, gm.decode_one_token
-    gm.prefill = lambda *a, **kw: calls.append("prefill") or prefill(*a, **kw)
-    gm.decode_one_token = lambda *a, **kw: calls.append("decode") or decode(*a, **kw)
+    prefill, prefill_batch, decode = gm.prefill, gm.prefill_batch, gm.decode_one_token
+
+    def one(prompt, cache, row, decoders=None, prefix=None):
+        reused = prefix.reusable(prompt) if prefix is not None else 0
+        calls.append(("prefill", len(prompt.ids) - reused))
+        return prefill(prompt, cache, row, decoders, prefix)
+
+    def batch(prompts, cache, first_row):
+        calls.append(("prefill", sum(len(p.ids) for p in prompts)))
+        return prefill_batch(prompts, cache, first_row)
+
+    gm.prefill, gm.prefill_batch = one, batch
+    gm.decode_one_token = lambda tokens, *a, **kw: calls.append(("decode", len(tokens))) or decode(tokens, *a, **kw)
+    return calls
+
+
+def unspy(gm):
+    del gm.prefill, gm.prefill_batch, gm.decode_one_token
+
+
+def prefills_between_decode_steps(calls) -> list[list[int]]:
+    """The tokens of each prefill run, grouped by the token boundary they ran at."""
+    groups, current = [], []
+    for kind, n in calls:
+        if kind == "prefill":
+            current.append(n)
+        elif current:
+            groups.append(current)
+            current = []
+    return groups + ([current] if current else [])
+
+
+@pytest.mark.parametrize("budget", [1, 24])
+def test_a_newcomer_stalls_the_batch_for_at_most_one_prefill(gm, budget):
+    """Between two decode steps of a running batch, the prompts prefilled compute at most `prefill_tokens`
+    tokens together, or are one prompt (however long)."""
+    batcher = ContinuousBatcher(gm, max_batch=6, prefill_tokens=budget)
+    calls = spy_prefills(gm, batcher)
     try:
         run_together(batcher, [(p, Sampling(max_new_tokens=12), None) for p in PROMPTS])
     finally:
-        del gm.prefill, gm.decode_one_token
+        unspy(gm)
         batcher.close()
-    assert calls.count("prefill") == len(PROMPTS)
-    assert "prefill,prefill" not in ",".join(calls)
+    groups = prefills_between_decode_steps(calls)
+    assert sum(len(g) for g in groups) == len(PROMPTS)
+    assert all(len(g) == 1 or sum(g) <= budget for g in groups)
+    if budget == 1:
+        assert all(len(g) == 1 for g in groups)
+
+
+def test_the_template_prefix_is_reused_and_prefill_gives_the_same_state(gm):
+    """A prefill from the template prefix's KV leaves the row's cache, its last hidden state and its risk
+    exactly as a whole prefill does, and computes only the tokens after the prefix."""
+    batcher = ContinuousBatcher(gm, max_batch=2)
+    prefix = batcher.prefix
+    batcher.close()
+    assert prefix is not None and prefix.ids == gm.tokenizer.prompt_prefix and len(prefix.ids) >= 2
+    whole, reused = (KVCache(range(gm.num_layers), 1, gm.kv_heads, 64, gm.head_dim) for _ in range(2))
+    for text in PROMPTS[:3]:
+        prompt = gm.prepare(text)
+        assert 0 < prefix.reusable(prompt) <= prompt.user_start
+        h1, r1 = gm.prefill(prompt, whole, 0)
+        h2, r2 = gm.prefill(prompt, reused, 0, prefix=prefix)
+        assert np.array_equal(h1, h2) and r1 == r2
+        n = len(prompt.ids)
+        assert all(np.array_equal(whole.buffers[k][:, :, :n], reused.buffers[k][:, :, :n]) for k in whole.buffers)
+    other = gm.prepare([{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}])
+    assert prefix.reusable(other) < len(prefix.ids)    # a prompt with its own system turn shares less
+
+
+def test_a_batched_prefill_gives_each_row_what_it_gets_alone(gm):
+    """Prompts of different lengths in one padded run: each row's cache, last hidden state and risk are
+    exactly those of its own prefill."""
+    prompts = [gm.prepare(p) for p in PROMPTS]
+    assert len({len(p.ids) for p in prompts}) > 1 and gm.can_prefill_together(prompts)
+    alone = KVCache(range(gm.num_layers), 1, gm.kv_heads, 64, gm.head_dim)
+    together = KVCache(range(gm.num_layers), len(prompts) + 1, gm.kv_heads, 64, gm.head_dim)
+    hidden, risks = gm.prefill_batch(prompts, together, 1)
+    assert together.lengths[0] == 0
+    for i, p in enumerate(prompts):
+        h, r = gm.prefill(p, alone, 0)
+        n = len(p.ids)
+        assert np.array_equal(hidden[i], h) and risks[i] == r and together.lengths[i + 1] == n
+        assert all(np.array_equal(together.buffers[k][i + 1, :, :n], alone.buffers[k][0, :, :n]) for k in alone.buffers)
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_a_burst_is_admitted_together_and_answers_equal_generate(gm, prefix_cache):
+    """Requests waiting at one boundary are prefilled together (one batched run without the prefix cache);
+    greedy and refused answers still equal generate's."""
+    steers = [None, True, None, False, None, None]
+    jobs = [(p, Sampling(max_new_tokens=14 - i), steer) for i, (p, steer) in enumerate(zip(PROMPTS, steers))]
+    batcher = ContinuousBatcher(gm, max_batch=8, prefill_tokens=1000, prefix_cache=prefix_cache)
+
+    def hold_the_worker(ev):   # the listener runs on the worker: the burst queues up meanwhile
+        time.sleep(0.3)
+
+    batcher.submit(PROMPTS[3], Sampling(max_new_tokens=1), hold_the_worker)
+    calls = spy_prefills(gm, batcher)
+    try:
+        results = run_together(batcher, jobs)
+    finally:
+        unspy(gm)
+        batcher.close()
+    groups = prefills_between_decode_steps(calls)
+    if prefix_cache:
+        assert max(len(g) for g in groups) >= 2
+    else:
+        assert max(n for g in groups for n in g) > max(len(gm.encode(p)) for p in PROMPTS), "no batched prefill ran"
+    for (prompt, sampling, steer), got in zip(jobs, results):
+        alone = gm.generate(prompt, sampling, steer=steer)
+        assert got.token_ids == alone.token_ids and got.risk == alone.risk and got.fired == alone.fired
 
 
 def test_bad_requests_are_clear_errors(gm):

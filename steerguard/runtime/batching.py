@@ -2,8 +2,11 @@
 running batch at token boundaries.
 
 A worker thread owns the cache: `max_batch` rows, each `max_len` tokens wide. At every token boundary it
-admits at most one waiting request (one prefill into the next free row, so a newcomer stalls the
-others for at most one prefill), then runs one decode step over the rows in use. Each row keeps its
+admits the waiting requests whose prompts fit in one prefill's worth of tokens (`prefill_tokens`; always
+at least one request, so a newcomer stalls the others for at most one prefill, or that many tokens),
+then runs one decode step over the rows in use. Prompts that open with the chat template's fixed prefix
+(its system prompt) reuse that prefix's KV, computed once, and compute only the rest; prompts that
+cannot are prefilled together in one batched run of the engines. Each row keeps its
 own sampling settings, random generator and guard decision; the refusal head steers only the rows
 whose prober fired. The rows in use are always the first `n` of the cache (a finished request's row
 is filled with the last row's tokens), so a decode step binds one contiguous view and computes
@@ -28,7 +31,7 @@ import onnxruntime as ort
 
 from ..errors import SteerguardError
 from .chat import TextStream
-from .model import DecodeStep, GenerationResult, GuardedModel, KVCache, Prompt, Request, _held_back
+from .model import DecodeStep, GenerationResult, GuardedModel, KVCache, PrefixKV, Prompt, Request, _held_back
 from .sampling import Sampling, sample
 
 
@@ -137,13 +140,16 @@ class ContinuousBatcher:
 
     `max_batch` rows of `max_len` tokens each (prompt + answer; default the smaller of the model's
     context and 4096); at most `max_queue` requests wait for a row. The cache is allocated once, zeroed
-    lazily by the OS, so memory grows with the tokens actually held."""
+    lazily by the OS, so memory grows with the tokens actually held. At a token boundary the requests
+    admitted together compute at most `prefill_tokens` prompt tokens (or one request's, if it alone needs
+    more); `prefix_cache` reuses the KV of the chat template's opening for every prompt that starts with it."""
 
     STEP_CACHE = 4   # decode-step bindings kept for recent batch sizes
 
-    def __init__(self, model: GuardedModel, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
-        if max_batch < 1 or max_queue < 0:
-            raise SteerguardError("max_batch must be >= 1 and max_queue >= 0")
+    def __init__(self, model: GuardedModel, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 prefill_tokens: int = 64, prefix_cache: bool = True):
+        if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise SteerguardError("max_batch and prefill_tokens must be >= 1 and max_queue >= 0")
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or 4096, model.context)
@@ -151,6 +157,8 @@ class ContinuousBatcher:
             raise SteerguardError(f"max_len must be at least 2 tokens, got {self.max_len}")
         self.cache = KVCache(range(model.num_layers), max_batch, model.kv_heads, self.max_len, model.head_dim)
         self._rotary = model.rotary_tables(Prompt([0], positions=np.zeros((3, 1), np.int64)), self.max_len)
+        self.prefill_tokens = prefill_tokens
+        self.prefix = self._template_prefix() if prefix_cache else None
         self._steps: collections.OrderedDict[int, tuple[_CacheRows, DecodeStep]] = collections.OrderedDict()
         self._rows: list[_Row] = []
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -162,6 +170,14 @@ class ContinuousBatcher:
         self._recent_s: collections.deque[float] = collections.deque(maxlen=32)   # request durations
         self._thread = threading.Thread(target=self._run, name="steerguard-batcher", daemon=True)
         self._thread.start()
+
+    def _template_prefix(self) -> PrefixKV | None:
+        """The KV of the tokens the chat template puts before a one-message chat's content (for most
+        templates a system prompt), when there are at least two of them."""
+        ids = self.model.tokenizer.prompt_prefix
+        if len(ids) < 2 or len(ids) >= self.max_len:
+            return None
+        return self.model.prefix_kv(ids, self.max_len)
 
     # ---- submitting ---------------------------------------------------------------------------------
     def prepare(self, request: Request | Prompt, sampling: Sampling) -> Prompt:
@@ -269,63 +285,132 @@ class ContinuousBatcher:
                     self._waiting.clear()
                     self._rows.clear()
                     break
-                ticket = self._next_admissible()
+                group = self._next_group()
             try:
-                if ticket is not None:
-                    self._admit(ticket)
+                if group:
+                    self._admit(group)
                 self._drop_cancelled()
                 if self._rows:
                     self._step()
             except Exception as e:   # a failed engine run: fail the rows it touched, keep serving
-                for row in self._rows:
-                    row.ticket.emit(Failed(e))
+                for t in [row.ticket for row in self._rows] + [t for t in group if not t.done]:
+                    if not t.done:
+                        t.emit(Failed(e))
                 self._rows.clear()
                 self.cache.lengths[:] = 0
         for t in pending:
             t.emit(Failed(SteerguardError("the server is shutting down")))
 
-    def _next_admissible(self) -> Ticket | None:
-        """The first waiting request, if it may join now (called with the lock held)."""
+    def _next_group(self) -> list[Ticket]:
+        """The waiting requests to admit at this boundary (called with the lock held): a score job alone, or
+        requests in arrival order while rows are free and their prompts' computed tokens stay within
+        `prefill_tokens` (the first one always goes, however long)."""
         while self._waiting and self._waiting[0].cancelled:
             self._waiting.popleft()
         if not self._waiting:
-            return None
-        t = self._waiting[0]
-        if not t.score_only:
-            if len(self._rows) >= self.max_batch:
-                return None
-            if self._rows and (t.solo or self._rows[0].ticket.solo):
-                return None
-        return self._waiting.popleft()
+            return []
+        if self._waiting[0].score_only:
+            return [self._waiting.popleft()]
+        group: list[Ticket] = []
+        tokens = 0
+        while self._waiting and not self._waiting[0].score_only:
+            t = self._waiting[0]
+            if t.cancelled:
+                self._waiting.popleft()
+                continue
+            cost = self._prefill_cost(t.prompt)
+            if group and tokens + cost > self.prefill_tokens:
+                break
+            if len(self._rows) + len(group) >= self.max_batch:
+                break
+            running = self._rows[0].ticket if self._rows else (group[0] if group else None)
+            if running is not None and (t.solo or running.solo):
+                break
+            group.append(self._waiting.popleft())
+            tokens += cost
+        return group
 
-    def _admit(self, t: Ticket) -> None:
-        m = self.model
-        if t.score_only:
-            try:
-                risk = self._score(t.prompt)
-                t.emit(Scored(risk, m.decide(risk), len(t.prompt.ids)))
-            except Exception as e:
-                t.emit(Failed(e))
+    def _prefill_cost(self, prompt: Prompt) -> int:
+        """The prompt tokens a prefill computes (those after the reused template prefix)."""
+        return len(prompt.ids) - (self.prefix.reusable(prompt) if self.prefix is not None else 0)
+
+    def _admit(self, group: list[Ticket]) -> None:
+        if group[0].score_only:
+            self._admit_score(group[0])
             return
-        index = len(self._rows)
+        first = len(self._rows)
+        admitted: list[tuple[int, Ticket, np.ndarray, float | None, bool]] = []
+        for offset, (t, outcome) in enumerate(self._prefill_group(group, first)):
+            if isinstance(outcome, Exception):
+                t.emit(Failed(outcome))
+                continue
+            hidden, risk = outcome
+            fired = self.model.decide(risk) if t.steer is None else bool(t.steer)
+            if fired and self.model.refusal is None:
+                t.emit(Failed(SteerguardError("this bundle has no refusal head")))
+                continue
+            admitted.append((offset, t, hidden, risk, fired))
+        self._close_gaps(first, [a[0] for a in admitted])
+        if admitted:
+            self._start_rows([a[1:] for a in admitted])
+
+    def _prefill_group(self, group: list[Ticket], first: int
+                       ) -> list[tuple[Ticket, tuple[np.ndarray, float | None] | Exception]]:
+        """Prefill the group into rows first, first + 1, ... (in the returned order): prompts that cannot
+        reuse the template prefix first, in one batched run when there are several and they allow it, then
+        those that can, one by one (each computes only its own tokens)."""
+        m = self.model
+        whole = [t for t in group if self._prefill_cost(t.prompt) == len(t.prompt.ids)]
+        ordered = whole + [t for t in group if t not in whole]
+        out: list[tuple[Ticket, tuple[np.ndarray, float | None] | Exception]] = []
+        if len(whole) > 1 and m.can_prefill_together([t.prompt for t in whole]):
+            try:
+                hidden, risks = m.prefill_batch([t.prompt for t in whole], self.cache, first)
+                out = [(t, (hidden[i], risks[i])) for i, t in enumerate(whole)]
+            except Exception as e:
+                out = [(t, e) for t in whole]
+        for t in ordered[len(out):]:
+            try:
+                out.append((t, m.prefill(t.prompt, self.cache, first + len(out), prefix=self.prefix)))
+            except Exception as e:
+                out.append((t, e))
+        return out
+
+    def _close_gaps(self, first: int, kept: list[int]) -> None:
+        """After a failed prefill in a group: move the kept rows (offsets from `first`) to the front, in
+        order, so the rows in use stay the first n; rows past them are free."""
+        for to, offset in enumerate(kept):
+            src, dst = first + offset, first + to
+            if src != dst:
+                n = int(self.cache.lengths[src])
+                for buf in self.cache.buffers.values():
+                    buf[dst, :, :n] = buf[src, :, :n]
+                self.cache.lengths[dst] = n
+        self.cache.lengths[first + len(kept):] = 0
+
+    def _start_rows(self, admitted: list[tuple[Ticket, np.ndarray, float | None, bool]]) -> None:
+        """The admitted requests' first tokens (one head run for the group); their rows join the batch."""
+        m = self.model
+        fired = np.array([a[3] for a in admitted])
+        logits = m.next_logits(np.stack([a[1] for a in admitted]), fired)
+        logits[np.ix_(fired, list(m.stop_ids))] = -np.inf   # a refusal is never empty: it cannot end the turn at once
+        first = len(self._rows)
+        for t, _, risk, f in admitted:
+            self._rows.append(_Row(t, risk, f, np.random.default_rng(t.sampling.seed), time.perf_counter(),
+                                   text=TextStream(m.tokenizer)))
+            t.emit(Admitted(risk, f, len(t.prompt.ids)))
+        self.peak_rows = max(self.peak_rows, len(self._rows))
+        done = [first + i for i, row in enumerate(self._rows[first:])
+                if not self._accept(row, sample(logits[i], row.ticket.sampling, row.rng))]
+        for index in reversed(done):
+            self._release(index)
+
+    def _admit_score(self, t: Ticket) -> None:
         try:
-            hidden, risk = m.prefill(t.prompt, self.cache, index)
-            fired = m.decide(risk) if t.steer is None else bool(t.steer)
-            if fired and m.refusal is None:
-                raise SteerguardError("this bundle has no refusal head")
-            logits = m.next_logits(hidden[None], np.array([fired]))
+            risk = self._score(t.prompt)
+            t.emit(Scored(risk, self.model.decide(risk), len(t.prompt.ids)))
         except Exception as e:
             t.emit(Failed(e))
-            return
-        if fired:     # a refusal is never empty: it cannot end the turn at once
-            logits[0, list(m.stop_ids)] = -np.inf
-        row = _Row(t, risk, fired, np.random.default_rng(t.sampling.seed), time.perf_counter(),
-                   text=TextStream(m.tokenizer))
-        self._rows.append(row)
-        self.peak_rows = max(self.peak_rows, len(self._rows))
-        t.emit(Admitted(risk, fired, len(t.prompt.ids)))
-        if not self._accept(row, sample(logits[0], t.sampling, row.rng)):
-            self._release(index)
 
     def _score(self, prompt: Prompt) -> float:
         """`GuardedModel.score` for a prepared prompt: the chain up to the prober, in a cache of its own."""

@@ -60,12 +60,12 @@ class KVCache:
         self.values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.buffers.items()}
         self.lengths = np.zeros(batch, np.int64)
 
-    def bind(self, binding: ort.IOBinding, layers: range, row: int | None = None) -> None:
-        """Bind the layers' buffers (or one row of them, a contiguous view) as past and present."""
+    def bind(self, binding: ort.IOBinding, layers: range, rows: slice | None = None) -> None:
+        """Bind the layers' buffers (or a block of consecutive rows, a contiguous view) as past and present."""
         for i in layers:
             for kind in ("key", "value"):
-                value = (self.values[(i, kind)] if row is None
-                         else ort.OrtValue.ortvalue_from_numpy(self.buffers[(i, kind)][row:row + 1]))
+                value = (self.values[(i, kind)] if rows is None
+                         else ort.OrtValue.ortvalue_from_numpy(self.buffers[(i, kind)][rows]))
                 binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
                 binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
 
@@ -224,23 +224,63 @@ class GuardedModel:
                                   f"exceeds the model's context of {self.context} tokens: shorten it")
 
     # ---- the loop -------------------------------------------------------------------------------
-    def prefill(self, prompt: Prompt | list[int], cache: KVCache, row: int, decoders: list | None = None
-                ) -> tuple[np.ndarray, float | None]:
+    def prefill(self, prompt: Prompt | list[int], cache: KVCache, row: int, decoders: list | None = None,
+                prefix: "PrefixKV | None" = None) -> tuple[np.ndarray, float | None]:
         """Run one prompt into row `row` of the cache; return its last final hidden state and its risk.
-        A Prompt's image rows replace the embeddings of its image placeholder tokens."""
+        A Prompt's image rows replace the embeddings of its image placeholder tokens. With `prefix`, the
+        tokens the prompt shares with it are copied from its KV and only the rest is computed (same result)."""
         prompt = prompt if isinstance(prompt, Prompt) else self.prepare(list(prompt))
         ids = prompt.ids
-        x = self.embed.run({"input_ids": np.array([ids], np.int64)})["inputs_embeds"]
+        reused = prefix.reusable(prompt) if prefix is not None else 0
+        if reused:
+            prefix.copy_into(cache, row, reused)
+        x = self.embed.run({"input_ids": np.array([ids[reused:]], np.int64)})["inputs_embeds"]
         if prompt.image_rows is not None:
             x[0, np.asarray(ids) == self.vision.image_token_id] = prompt.image_rows
         cache.lengths[row] = len(ids)
         attention = AttentionInputs(np.array([len(ids)]), len(ids), self.rotary_tables(prompt, cache.max_len))
-        risk = None
+        values = self._run_prefill_chain(x, attention, cache, slice(row, row + 1), decoders)
+        x = values["hidden"]
+        return x[0, -1], self._prompt_risk(values.get("risk"), 0, prompt, reused)
+
+    def prefill_batch(self, prompts: Sequence[Prompt], cache: KVCache, first_row: int
+                      ) -> tuple[np.ndarray, list[float | None]]:
+        """Prefill several prompts in one run of the engines into rows first_row, first_row + 1, ...: the
+        prompts are padded at the end to the longest, and each row's attention stops at its own length, so
+        every row gets what `prefill` gives it alone. Returns the last hidden states (B, d) and the risks.
+        Needs `can_prefill_together`."""
+        if not self.can_prefill_together(prompts):
+            raise SteerguardError("these prompts cannot be prefilled in one batch (images, 3-D positions, or a "
+                                  "prober that reads the last position of prompts of different lengths)")
+        lengths = np.array([len(p.ids) for p in prompts])
+        width = int(lengths.max())
+        ids = np.zeros((len(prompts), width), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :lengths[i]] = p.ids
+        x = self.embed.run({"input_ids": ids})["inputs_embeds"]
+        rows = slice(first_row, first_row + len(prompts))
+        cache.lengths[rows] = lengths
+        attention = AttentionInputs(lengths, width, self.rotary_tables(prompts[0], cache.max_len))
+        values = self._run_prefill_chain(x, attention, cache, rows)
+        last = values["hidden"][np.arange(len(prompts)), lengths - 1]
+        return last, [self._prompt_risk(values.get("risk"), i, p, 0) for i, p in enumerate(prompts)]
+
+    def can_prefill_together(self, prompts: Sequence[Prompt]) -> bool:
+        """Whether `prefill_batch` may take these prompts: text only, plain positions, and a prober that
+        reads each row's own positions (padding would move a last-position prober onto a pad)."""
+        if any(p.image_rows is not None or not _plain_positions(p) for p in prompts):
+            return False
+        return not self.guarded or self.risk_per_token or len({len(p.ids) for p in prompts}) == 1
+
+    def _run_prefill_chain(self, x: np.ndarray, attention: "AttentionInputs", cache: KVCache, rows: slice,
+                           decoders: list | None = None) -> dict[str, np.ndarray]:
+        """The prefill engines over `x` (B, S, d) into a contiguous block of cache rows: {"hidden", "risk"?}."""
+        found: dict[str, np.ndarray] = {}
         for engine, layers in decoders or self.decoders:
             b = engine.binding()
             b.bind_cpu_input(engine.input_names[0], x)
             attention.bind(b)
-            cache.bind(b, layers, row)
+            cache.bind(b, layers, rows)
             outs = [n for n in engine.output_names if not n.startswith("present.")]
             for n in outs:
                 b.bind_output(n)
@@ -249,9 +289,29 @@ class GuardedModel:
             values = {n: v.numpy() for n, v in zip(outs, b.get_outputs()[-len(outs):])}
             x = values.get("hidden_states", values.get("last_hidden_state"))
             if "risk" in values:
-                r = values["risk"][0]
-                risk = float(r[prompt.user_start:].max() if self.risk_per_token else r)   # NaN stays NaN
-        return x[0, -1], risk
+                found["risk"] = values["risk"]
+        found["hidden"] = x
+        return found
+
+    def _prompt_risk(self, risk: np.ndarray | None, row: int, prompt: Prompt, reused: int) -> float | None:
+        """A row's risk from the `pre` engine's output: for a per-token prober the highest over the last user
+        turn (the output starts after the `reused` prefix positions and may run on into padding), else the row's."""
+        if risk is None:
+            return None
+        r = risk[row]
+        if not self.risk_per_token:
+            return float(r)   # NaN stays NaN
+        return float(r[prompt.user_start - reused:len(prompt.ids) - reused].max())
+
+    def prefix_kv(self, ids: Sequence[int], max_len: int) -> "PrefixKV":
+        """The KV of a token prefix many prompts share (a chat template's opening), computed once."""
+        ids = list(ids)
+        cache = KVCache(range(self.num_layers), 1, self.kv_heads, len(ids), self.head_dim)
+        prompt = self.prepare(ids)
+        x = self.embed.run({"input_ids": np.array([ids], np.int64)})["inputs_embeds"]
+        attention = AttentionInputs(np.array([len(ids)]), len(ids), self.rotary_tables(prompt, max_len))
+        self._run_prefill_chain(x, attention, cache, slice(0, 1))
+        return PrefixKV(self, ids, cache)
 
     def decide(self, risk: float | None) -> bool:
         """Fire when risk >= tau; a non-finite risk fires too (the guard fails closed)."""
@@ -391,6 +451,38 @@ class GuardedModel:
         return Stream(self, request, sampling)
 
 
+class PrefixKV:
+    """The KV cache of a token prefix that many prompts open with, computed once by the prefill engines.
+    A prompt that opens with (part of) it gets those positions copied into its row, and its prefill
+    computes only the tokens after them: the keys and values of a position depend only on the tokens up
+    to it, so the result is the same as a whole prefill's."""
+
+    def __init__(self, model: GuardedModel, ids: list[int], cache: KVCache):
+        self.model, self.ids, self.cache = model, ids, cache
+        guard = model.manifest.guard or {}
+        self.span = 1 if model.risk_per_token else int(guard.get("span", 1) or 1)
+
+    def reusable(self, prompt: Prompt) -> int:
+        """How many leading tokens of `prompt` may come from this prefix: the shared ones, leaving at least
+        one token (and every position the prober reads) to compute; 0 for images or 3-D positions."""
+        if prompt.image_rows is not None or not _plain_positions(prompt):
+            return 0
+        shared = 0
+        for a, b in zip(self.ids, prompt.ids):
+            if a != b:
+                break
+            shared += 1
+        limit = len(prompt.ids) - self.span
+        if self.model.risk_per_token:
+            limit = min(limit, prompt.user_start)
+        return max(0, min(shared, limit))
+
+    def copy_into(self, cache: KVCache, row: int, n: int) -> None:
+        """The prefix's first n positions into `row`, for the layers `cache` holds."""
+        for key, buf in cache.buffers.items():
+            buf[row, :, :n] = self.cache.buffers[key][0, :, :n]
+
+
 class AttentionInputs:
     """Where the tokens of a run sit, bound to every decoder engine and updated in place: each row's
     length - 1, the width of the KV buffer (attention over the shared buffer reads each row's own length),
@@ -473,6 +565,12 @@ class Stream:
                 sent = safe
         if len(self.result.text) > sent:
             yield self.result.text[sent:]
+
+
+def _plain_positions(prompt: Prompt) -> bool:
+    """No 3-D rotary positions, or ones that are a plain count in all three (a text-only Qwen2-VL prompt)."""
+    p = prompt.positions
+    return p is None or np.array_equal(p, np.tile(np.arange(p.shape[1]), (3, 1)))
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

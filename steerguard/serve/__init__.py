@@ -20,7 +20,8 @@ def _require_stack() -> None:
 
 
 def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          max_queue: int = 64, max_len: int | None = None, api_key: str | None = None,
+          max_queue: int = 64, max_len: int | None = None, prefill_tokens: int = 64, prefix_cache: bool = True,
+          api_key: str | None = None,
           model_name: str | None = None, image_root: Path | None = None, max_body_mb: float = 16,
           max_image_mb: float = 8, backend: str = "cpu", threads: int | None = None,
           fallback_to_cpu: bool = False, log_requests: bool = False, on_ready=None) -> None:
@@ -34,7 +35,8 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, max_bat
     from .messages import ImageLimits
 
     model = GuardedModel.load(bundle, backend=backend, threads=threads, fallback_to_cpu=fallback_to_cpu)
-    batcher = ContinuousBatcher(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
+    batcher = ContinuousBatcher(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
+                                prefill_tokens=prefill_tokens, prefix_cache=prefix_cache)
     limits = ImageLimits(root=Path(image_root).resolve() if image_root else None,
                          max_bytes=int(max_image_mb * 1024 * 1024))
     config = ServeConfig(model_name=model_name or model.manifest.model["name"], api_key=api_key,
