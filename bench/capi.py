@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 PEERS = Path(os.environ.get("STEERGUARD_CACHE", Path.home() / ".cache" / "steerguard")) / "peers"
 PYTHON_WORKER = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from steerguard.runtime import GuardedModel
 from steerguard.runtime.sampling import Sampling
@@ -42,7 +42,8 @@ for _ in range(runs):
     r = m.generate(ids, Sampling(max_new_tokens=new, ignore_eos=True))
     out.append({"ttft_ms": 1000 * r.timings["first_token_s"], "decode_tok_s": r.timings["decode_tok_s"],
                 "tokens": len(r.token_ids), "fired": r.fired})
-print(json.dumps({"load_s": load_s, "runs": out, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"load_s": load_s, "runs": out, "peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
@@ -179,8 +180,8 @@ def machine() -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# libsteerguard vs the Python runtime", "",
-             f"Made by `{report['command']}` on {report['machine']}, {report['date']}.", "",
+    made = "; ".join(f"{part}: `{m['command']}` ({m['date']})" for part, m in report["made_by"].items())
+    lines = ["# libsteerguard vs the Python runtime", "", f"On {report['machine']}. Made by: {made}.", "",
              "## Same answers (greedy, chat-formatted shipped prompts: 100 harmful, 100 benign)", "",
              "| bundle | prompts | new tokens | same token ids | same text | same decision | max risk difference |",
              "|---|---|---|---|---|---|---|"]
@@ -223,6 +224,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "capi")
+    ap.add_argument("--parts", default="answers,tokenizers,speed",
+                    help="what to run; the other parts are kept from the --out JSON of an earlier run")
     a = ap.parse_args()
     bundles = {k: Path(v) for k, v in (b.split("=", 1) for b in a.bundle)}
     genai = {k: Path(v) for k, v in (g.split("=", 1) for g in a.genai)}
@@ -232,16 +235,24 @@ def main() -> None:
 
     out = build()
     lib = NativeLibrary.load(out / "libsteerguard.so")
-    report = {"command": " ".join(["python", "bench/capi.py", *sys.argv[1:]]), "machine": machine(),
-              "date": datetime.date.today().isoformat(), "answers": {}, "tokenizers": {}, "speed": {}}
+    parts = set(a.parts.split(","))
+    earlier = json.loads(a.out.with_suffix(".json").read_text()) if a.out.with_suffix(".json").exists() else {}
+    if set(parts) != {"answers", "tokenizers", "speed"} and "made_by" not in earlier:
+        ap.error(f"--parts {a.parts} keeps the other parts from {a.out.with_suffix('.json')}, which has none")
+    command = " ".join(["python", "bench/capi.py", *sys.argv[1:]])
+    today = datetime.date.today().isoformat()
+    report = {"machine": machine(),
+              "made_by": {part: ({"command": command, "date": today} if part in parts else earlier["made_by"][part])
+                          for part in ("answers", "tokenizers", "speed")},
+              **{part: {} if part in parts else earlier.get(part, {}) for part in ("answers", "tokenizers", "speed")}}
     prompts = parity_prompts(a.prompts)
-    for name, bundle in bundles.items():
+    for name, bundle in bundles.items() if "answers" in parts else ():
         report["answers"][name] = answers_parity(lib, bundle, prompts, a.parity_tokens, a.threads)
         print(name, "answers", report["answers"][name], flush=True)
     tokenizer_bundles = {GuardedModel.load(next(iter(bundles.values()))).manifest.model["name"]: next(iter(bundles.values()))}
     if a.reference.exists():
         tokenizer_bundles["Qwen2.5-Coder-0.5B-Instruct (reference)"] = a.reference
-    for name, bundle in tokenizer_bundles.items():
+    for name, bundle in tokenizer_bundles.items() if "tokenizers" in parts else ():
         report["tokenizers"][name] = tokenizer_parity(lib, bundle)
         print(name, "tokenizer", report["tokenizers"][name], flush=True)
     ort_lib = next((Path(__import__("onnxruntime").__file__).parent / "capi").glob("libonnxruntime.so*"))
@@ -249,7 +260,7 @@ def main() -> None:
                       "lib_kb": (out / "libsteerguard.so").resolve().stat().st_size / 1024,
                       "onnxruntime_mb": ort_lib.stat().st_size / 1e6}
     ids = GuardedModel.load(next(iter(bundles.values()))).encode([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
-    for name, bundle in bundles.items():
+    for name, bundle in bundles.items() if "speed" in parts else ():
         report["speed"][name] = speed(out / "capi_bench", bundle, ids, a.threads, a.new_tokens, a.pairs, a.runs,
                                       genai.get(name))
         print(name, "speed", json.dumps(report["speed"][name]), flush=True)

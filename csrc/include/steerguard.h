@@ -74,7 +74,8 @@ SG_API const char *sg_status_name(sg_status status);
 typedef struct sg_model sg_model;
 
 typedef struct {
-    int32_t threads;       /* onnxruntime intra-op threads; 0 = all cores */
+    int32_t threads;       /* onnxruntime intra-op threads; 0 = all cores. All models of a process share one
+                              thread pool, made by the first load with its count (as the Python runtime does) */
     int32_t verify_hashes; /* 1 (default): check every file's sha256 against the manifest before loading */
 } sg_load_options;
 

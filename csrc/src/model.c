@@ -224,7 +224,6 @@ static sg_status generate(sg_model *m, const int32_t *ids, size_t n, size_t user
                        "the prompt is %zu tokens; with max_new_tokens %d it exceeds the model's context "
                        "of %d tokens: shorten it",
                        n, s.max_new_tokens, b->context);
-    double t0 = sg_now();
     sg_kv_cache cache;
     step_buffers step;
     text_stream ts = {0};
@@ -236,6 +235,7 @@ static sg_status generate(sg_model *m, const int32_t *ids, size_t n, size_t user
     if (st == SG_OK) st = step_new(m, &step);
     if (st == SG_OK && (!tokens || !last || (s.temperature > 0 && !scratch)))
         st = sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    double t0 = sg_now(); /* the clock starts at the prefill, after the buffers are made, as in the Python runtime */
     if (st == SG_OK) st = sg_prefill(m, ids, n, user_start, m->prefill, m->n_prefill, &cache, last, &risk);
     int fired = decide(m, risk);
     double t_prefill = sg_now(), t_first = 0;
