@@ -132,6 +132,7 @@ def tokenizer_corpus(n_synthetic: int = 6000, seed: int = 0) -> list[str]:
         texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24))))
     for k in (1, 2, 3, 17, 100, 1000):
         texts.extend([" " * k, "\n" * k, " \n" * k, "x" + " " * k + "y", "9" * k])
+    texts.extend(["ab" * 100_000, "Ü" * 50_000, "🙂" * 20_000])   # one long piece each: merges are n log n
     return texts
 
 

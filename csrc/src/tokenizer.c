@@ -539,8 +539,53 @@ static int push_id(int32_t **ids, size_t *count, size_t *cap, int32_t id) {
     return 0;
 }
 
-/* BPE over one pre-tokenized piece: start from its bytes' symbols, merge the lowest-ranked adjacent
- * pair (the leftmost among equals) until no pair has a merge. */
+/* A candidate merge of the symbols at `left` and the one after it, ordered by rank, then position. */
+typedef struct {
+    int32_t rank, left, left_id, right_id;
+} candidate;
+
+typedef struct {
+    candidate *items;
+    size_t count;
+} merge_queue;
+
+static int before(const candidate *a, const candidate *b) {
+    return a->rank != b->rank ? a->rank < b->rank : a->left < b->left;
+}
+
+static void queue_push(merge_queue *q, candidate c) {
+    size_t i = q->count++;
+    while (i && before(&c, &q->items[(i - 1) / 2])) {
+        q->items[i] = q->items[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    q->items[i] = c;
+}
+
+static candidate queue_pop(merge_queue *q) {
+    candidate top = q->items[0], last = q->items[--q->count];
+    size_t i = 0;
+    for (;;) {
+        size_t child = 2 * i + 1;
+        if (child >= q->count) break;
+        if (child + 1 < q->count && before(&q->items[child + 1], &q->items[child])) child++;
+        if (!before(&q->items[child], &last)) break;
+        q->items[i] = q->items[child];
+        i = child;
+    }
+    if (q->count) q->items[i] = last;
+    return top;
+}
+
+static void consider(const sg_tokenizer *t, merge_queue *q, const int32_t *sym, int32_t left, int32_t right) {
+    if (left < 0 || right < 0) return;
+    const pair_slot *m = merge_find(t, sym[left], sym[right]);
+    if (m) queue_push(q, (candidate){m->rank, left, sym[left], sym[right]});
+}
+
+/* BPE over one pre-tokenized piece: start from its bytes' symbols and merge the lowest-ranked adjacent
+ * pair (the leftmost among equals) until no pair has a merge, through a queue of candidates that are
+ * dropped when a neighbour changed (n log n, so a long word cannot stall the caller). */
 static int bpe_piece(const sg_tokenizer *t, const piece *p, int32_t **ids, size_t *count, size_t *cap) {
     if (t->ignore_merges) {
         sg_buf mapped = {0};
@@ -553,32 +598,40 @@ static int bpe_piece(const sg_tokenizer *t, const piece *p, int32_t **ids, size_
         sg_buf_free(&mapped);
         if (whole >= 0) return push_id(ids, count, cap, whole);
     }
-    int32_t *sym = malloc(p->len * sizeof *sym);
-    if (!sym) return -1;
-    size_t n = 0;
+    int32_t *sym = malloc(p->len * sizeof *sym), *next = malloc(p->len * sizeof *next);
+    int32_t *prev = malloc(p->len * sizeof *prev);
+    /* every merge adds at most two candidates to the n - 1 of the start */
+    merge_queue q = {malloc(3 * (p->len + 1) * sizeof *q.items), 0};
+    int rc = -1;
+    if (!sym || !next || !prev || !q.items) goto done;
+    int32_t n = 0;
     for (size_t i = 0; i < p->len; i++) {
         int32_t id = t->byte_id[(unsigned char)p->data[i]];
         if (id >= 0) sym[n++] = id; /* a vocabulary without this byte drops it, as BPE without unk does */
     }
-    for (;;) {
-        int32_t best_rank = INT32_MAX, merged = -1;
-        size_t best = 0;
-        for (size_t i = 0; i + 1 < n; i++) {
-            const pair_slot *m = merge_find(t, sym[i], sym[i + 1]);
-            if (m && m->rank < best_rank) {
-                best_rank = m->rank;
-                merged = m->merged;
-                best = i;
-            }
-        }
-        if (merged < 0) break;
-        sym[best] = merged;
-        memmove(sym + best + 1, sym + best + 2, (n - best - 2) * sizeof *sym);
-        n--;
+    for (int32_t i = 0; i < n; i++) {
+        prev[i] = i - 1;
+        next[i] = i + 1 < n ? i + 1 : -1;
     }
-    int rc = 0;
-    for (size_t i = 0; i < n && !rc; i++) rc = push_id(ids, count, cap, sym[i]);
+    for (int32_t i = 0; i + 1 < n; i++) consider(t, &q, sym, i, i + 1);
+    while (q.count) {
+        candidate c = queue_pop(&q);
+        int32_t right = next[c.left];
+        if (sym[c.left] != c.left_id || right < 0 || sym[right] != c.right_id || prev[c.left] == -2) continue;
+        sym[c.left] = merge_find(t, c.left_id, c.right_id)->merged;
+        next[c.left] = next[right];
+        if (next[right] >= 0) prev[next[right]] = c.left;
+        prev[right] = -2; /* gone */
+        consider(t, &q, sym, prev[c.left], c.left);
+        consider(t, &q, sym, c.left, next[c.left]);
+    }
+    rc = 0;
+    for (int32_t i = n ? 0 : -1; i >= 0 && !rc; i = next[i]) rc = push_id(ids, count, cap, sym[i]);
+done:
     free(sym);
+    free(next);
+    free(prev);
+    free(q.items);
     return rc;
 }
 
