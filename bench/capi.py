@@ -47,14 +47,6 @@ print(json.dumps({"load_s": load_s, "runs": out, "peak_rss_mb": int(hwm.split()[
 """
 
 
-def build() -> Path:
-    out = ROOT / "build" / "c"
-    subprocess.run(["cmake", "-S", str(ROOT / "csrc"), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"], check=True,
-                   capture_output=True)
-    subprocess.run(["cmake", "--build", str(out), "-j2"], check=True, capture_output=True)
-    return out
-
-
 def parity_prompts(n: int) -> list[dict]:
     data = ROOT / "steerguard" / "data" / "eval"
 
@@ -232,8 +224,9 @@ def main() -> None:
 
     from steerguard.runtime.model import GuardedModel
     from steerguard.runtime.native import NativeLibrary
+    from test_capi import build
 
-    out = build()
+    out = build("c", "-DCMAKE_BUILD_TYPE=Release")
     lib = NativeLibrary.load(out / "libsteerguard.so")
     parts = set(a.parts.split(","))
     earlier = json.loads(a.out.with_suffix(".json").read_text()) if a.out.with_suffix(".json").exists() else {}

@@ -244,24 +244,15 @@ sg_status sg_bundle_load(const char *root, int verify, sg_bundle *b) {
         return sg_fail(SG_ERR_IO, "%s: no such bundle folder (make one with `steerguard export`)", root);
     b->root = strdup(root);
     char *manifest_path = sg_join_path(root, "manifest.json");
-    if (!b->root || !manifest_path) {
-        free(manifest_path);
-        return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
-    }
-    sg_status st;
-    size_t len;
-    char *text = NULL;
-    if (stat(manifest_path, &s))
+    sg_status st = SG_OK;
+    cJSON *json = NULL;
+    if (!b->root || !manifest_path)
+        st = sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    else if (stat(manifest_path, &s))
         st = sg_fail(SG_ERR_IO, "%s: missing; %s is not a steerguard bundle", manifest_path, root);
-    else
-        text = sg_read_file(manifest_path, &len, &st);
-    if (text) {
-        cJSON *json = cJSON_ParseWithLength(text, len);
-        st = json ? parse(b, json, verify, manifest_path)
-                  : sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: not valid JSON; re-export the bundle", manifest_path);
-        cJSON_Delete(json);
-        free(text);
-    }
+    else if ((json = sg_read_json(manifest_path, &st)))
+        st = parse(b, json, verify, manifest_path);
+    cJSON_Delete(json);
     free(manifest_path);
     if (st != SG_OK) sg_bundle_free(b);
     return st;

@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <openssl/evp.h>
 #include <stdarg.h>
@@ -79,6 +80,16 @@ char *sg_read_file(const char *path, size_t *length, sg_status *status) {
     if (length) *length = b.len;
     *status = SG_OK;
     return sg_buf_take(&b);
+}
+
+cJSON *sg_read_json(const char *path, sg_status *status) {
+    size_t len;
+    char *text = sg_read_file(path, &len, status);
+    if (!text) return NULL;
+    cJSON *json = cJSON_ParseWithLength(text, len);
+    free(text);
+    if (!json) *status = sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: not valid JSON; re-export the bundle", path);
+    return json;
 }
 
 char *sg_join_path(const char *dir, const char *rel) {

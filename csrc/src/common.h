@@ -23,6 +23,8 @@ void sg_buf_free(sg_buf *b);
 
 /* The whole file, NUL-terminated; NULL (and the error set) when unreadable. */
 char *sg_read_file(const char *path, size_t *length, sg_status *status);
+/* The file parsed as JSON (release with cJSON_Delete); NULL (and the error set) when unreadable or not JSON. */
+struct cJSON *sg_read_json(const char *path, sg_status *status);
 /* "dir/rel" in a new string. */
 char *sg_join_path(const char *dir, const char *rel);
 /* Lower-case hex sha256 of a file into out[65]; 0 on success. */

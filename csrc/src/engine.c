@@ -102,8 +102,7 @@ static sg_status check_decoder(const sg_model *m, const sg_engine *e) {
     return SG_OK;
 }
 
-sg_status sg_engines_load(sg_model *m, int threads) {
-    (void)threads;
+sg_status sg_engines_load(sg_model *m) {
     OrtSessionOptions *opts = NULL;
     OrtAllocator *alloc = NULL;
     sg_status st = sg_ort_check(sg_ort->CreateSessionOptions(&opts), "session options");

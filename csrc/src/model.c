@@ -49,7 +49,7 @@ sg_status sg_model_load(const char *bundle_dir, const sg_load_options *options, 
     }
     st = sg_bundle_load(bundle_dir, o.verify_hashes, &m->bundle);
     if (st == SG_OK) m->tokenizer = sg_tokenizer_load(m->bundle.tokenizer_path, &st);
-    if (st == SG_OK) st = sg_engines_load(m, o.threads);
+    if (st == SG_OK) st = sg_engines_load(m);
     if (st == SG_OK) {
         int n = m->bundle.num_layers;
         m->past_key = sg_layer_names(n, "past_key_values.%d.key");
@@ -86,7 +86,7 @@ static int decide(const sg_model *m, float risk) {
 typedef struct { /* everything one decode step binds, made once per answer */
     int64_t token;
     OrtValue *token_value, *x_value, **hidden_values, *logits_value, *last_value;
-    float *x, **hidden, *logits, *steered;
+    float *x, **hidden, *logits; /* hidden[n_hidden - 1]: the last decoder's output, which the heads read */
     size_t n_hidden;
 } step_buffers;
 
@@ -102,7 +102,6 @@ static void step_free(step_buffers *s) {
     free(s->hidden);
     free(s->x);
     free(s->logits);
-    free(s->steered);
     memset(s, 0, sizeof *s);
 }
 
@@ -112,12 +111,10 @@ static sg_status step_new(const sg_model *m, step_buffers *s) {
     int64_t token_shape[2] = {1, 1}, x_shape[3] = {1, 1, d}, row_shape[2] = {1, d}, logits_shape[2] = {1, v};
     s->n_hidden = m->n_decode;
     s->x = calloc((size_t)d, sizeof(float));
-    s->steered = calloc((size_t)d, sizeof(float));
     s->logits = calloc((size_t)v, sizeof(float));
     s->hidden = calloc(s->n_hidden, sizeof *s->hidden);
     s->hidden_values = calloc(s->n_hidden, sizeof *s->hidden_values);
-    if (!s->x || !s->steered || !s->logits || !s->hidden || !s->hidden_values)
-        return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    if (!s->x || !s->logits || !s->hidden || !s->hidden_values) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
     sg_status st =
         sg_tensor(m, &s->token, sizeof s->token, token_shape, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &s->token_value);
     if (st == SG_OK)
@@ -132,8 +129,8 @@ static sg_status step_new(const sg_model *m, step_buffers *s) {
                        &s->logits_value);
     /* the head reads the last hidden state as (1, d): a second view of the same buffer */
     if (st == SG_OK)
-        st = sg_tensor(m, s->n_hidden ? s->hidden[s->n_hidden - 1] : s->x, (size_t)d * 4, row_shape, 2,
-                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &s->last_value);
+        st = sg_tensor(m, s->hidden[s->n_hidden - 1], (size_t)d * 4, row_shape, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                       &s->last_value);
     return st;
 }
 
@@ -141,7 +138,7 @@ static sg_status step_new(const sg_model *m, step_buffers *s) {
  * through the refusal transform first when the guard fired. */
 static sg_status next_logits(const sg_model *m, step_buffers *s, const float *hidden, int fired) {
     size_t d = (size_t)m->bundle.hidden_size;
-    float *row = s->n_hidden ? s->hidden[s->n_hidden - 1] : s->x;
+    float *row = s->hidden[s->n_hidden - 1];
     if (row != hidden) memcpy(row, hidden, d * sizeof(float));
     const char *hidden_name = "hidden";
     sg_status st = SG_OK;
@@ -266,9 +263,11 @@ static sg_status generate(sg_model *m, const int32_t *ids, size_t n, size_t user
             st = sg_fail(SG_ERR_CANCELLED, "the token callback cancelled the generation");
             break;
         }
-        int stopped = 0;
-        for (size_t k = 0; k < s.n_stop && !stopped; k++)
-            stopped = find_bytes(ts.text.data ? ts.text.data : "", ts.text.len, s.stop[k]) != NULL;
+        int stopped = 0; /* a new stop string ends in this token's piece: look only where it could begin */
+        for (size_t k = 0; k < s.n_stop && !stopped && len; k++) {
+            size_t reach = strlen(s.stop[k]) - 1, from = at > reach ? at - reach : 0;
+            stopped = find_bytes(ts.text.data + from, ts.text.len - from, s.stop[k]) != NULL;
+        }
         if (stopped) {
             reason = SG_FINISH_STOP_STRING;
             break;
@@ -368,7 +367,10 @@ sg_status sg_score(sg_model *m, const sg_message *msgs, size_t n, float *risk, i
     return st;
 }
 
-const char *sg_version(void) { return "0.1.0"; }
+#define SG_STRING(x)               #x
+#define SG_VERSION_STRING(a, b, c) SG_STRING(a) "." SG_STRING(b) "." SG_STRING(c)
+
+const char *sg_version(void) { return SG_VERSION_STRING(SG_VERSION_MAJOR, SG_VERSION_MINOR, SG_VERSION_PATCH); }
 
 const char *sg_status_name(sg_status s) {
     static const char *names[] = {"SG_OK",

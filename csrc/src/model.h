@@ -50,7 +50,7 @@ sg_status sg_env_acquire(int threads);
 void sg_env_release(void);
 
 /* the bundle's engines: sessions, their input and output names, the decoder chains */
-sg_status sg_engines_load(sg_model *m, int threads);
+sg_status sg_engines_load(sg_model *m);
 char **sg_layer_names(int n, const char *fmt);
 void sg_free_names(char **names, size_t n);
 

@@ -68,7 +68,9 @@ struct sg_tokenizer {
     size_t vocab_slots;
     pair_slot *merges;
     size_t merge_slots;
-    int32_t byte_id[256]; /* the id of each single byte's symbol */
+    int32_t byte_id[256];   /* the id of each single byte's symbol */
+    char byte_char[256][3]; /* each byte's printable stand-in, UTF-8 */
+    uint8_t byte_char_len[256];
     added_token *added;
     size_t n_added;
     pre_step *steps;
@@ -326,10 +328,10 @@ static sg_status load_model(sg_tokenizer *t, const cJSON *root, const char *path
     int16_t cp_to_byte[512];
     memset(cp_to_byte, -1, sizeof cp_to_byte);
     for (int b = 0; b < 256; b++) {
-        char utf8[4];
         int cp = byte_to_codepoint(b);
         cp_to_byte[cp] = (int16_t)b;
-        t->byte_id[b] = vocab_find(t, utf8, encode_codepoint(cp, utf8));
+        t->byte_char_len[b] = (uint8_t)encode_codepoint(cp, t->byte_char[b]);
+        t->byte_id[b] = vocab_find(t, t->byte_char[b], t->byte_char_len[b]);
     }
 
     int n_added = cJSON_GetArraySize(added);
@@ -366,15 +368,8 @@ static sg_status load_model(sg_tokenizer *t, const cJSON *root, const char *path
 }
 
 sg_tokenizer *sg_tokenizer_load(const char *path, sg_status *status) {
-    size_t len;
-    char *text = sg_read_file(path, &len, status);
-    if (!text) return NULL;
-    cJSON *root = cJSON_ParseWithLength(text, len);
-    free(text);
-    if (!root) {
-        *status = sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: not valid JSON; re-export the bundle", path);
-        return NULL;
-    }
+    cJSON *root = sg_read_json(path, status);
+    if (!root) return NULL;
     sg_tokenizer *t = calloc(1, sizeof *t);
     sg_status st = t ? load_model(t, root, path) : sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
     if (st == SG_OK) {
@@ -590,9 +585,8 @@ static int bpe_piece(const sg_tokenizer *t, const piece *p, int32_t **ids, size_
     if (t->ignore_merges) {
         sg_buf mapped = {0};
         for (size_t i = 0; i < p->len; i++) {
-            char utf8[4];
-            if (sg_buf_append(&mapped, utf8, encode_codepoint(byte_to_codepoint((unsigned char)p->data[i]), utf8)))
-                return -1;
+            unsigned char byte = (unsigned char)p->data[i];
+            if (sg_buf_append(&mapped, t->byte_char[byte], t->byte_char_len[byte])) return -1;
         }
         int32_t whole = vocab_find(t, mapped.data, mapped.len);
         sg_buf_free(&mapped);

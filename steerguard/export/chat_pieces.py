@@ -22,8 +22,6 @@ def chat_pieces(render: Render) -> dict | None:
         pieces = _derive(render)
     except (ValueError, KeyError, IndexError):
         return None
-    if pieces is None:
-        return None
     for messages in _checks():
         for add_generation_prompt in (True, False):
             if render_pieces(pieces, messages, add_generation_prompt) != render(messages, add_generation_prompt):
@@ -71,7 +69,7 @@ def _prefix_before(text: str, suffix: str) -> str:
     return text[:len(text) - len(suffix)]
 
 
-def _derive(render: Render) -> dict | None:
+def _derive(render: Render) -> dict:
     m = [_MARK.format(i) for i in range(3)]
     t0, t1, t2, t3 = _split(render([{"role": "user", "content": m[0]}, {"role": "assistant", "content": m[1]},
                                     {"role": "user", "content": m[2]}], False), 3)
