@@ -315,3 +315,80 @@ def test_the_c_chat_example_builds_and_chats(tiny_bpe, native_dir):
     missing = subprocess.run([str(native_dir / "chat"), "/nonexistent"], capture_output=True, text=True)
     assert missing.returncode == 1 and "no such bundle folder" in missing.stderr
     assert sys.platform != "linux" or (native_dir / "libsteerguard.so").stat().st_size < 2_000_000
+
+
+# ---- the Python package ships the library ------------------------------------------------------------
+
+def build_wheel(out: Path, env: dict | None = None) -> tuple[Path, str]:
+    """`pip wheel` of this repository (no isolation: the test environment has scikit-build-core), unpacked."""
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-v",
+                           "-w", str(out / "dist"), "-C", f"build-dir={out / 'build'}"],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [wheel] = (out / "dist").glob("steerguard-*.whl")
+    shutil.unpack_archive(wheel, out / "site", "zip")
+    return wheel, done.stdout + done.stderr
+
+
+def run_in_wheel(site: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    """Python in the unpacked wheel's folder, with it first on the path and no site hooks, so neither this
+    checkout nor its editable install can answer `import steerguard`; the test environment's packages stay
+    reachable."""
+    import onnxruntime
+
+    packages = Path(onnxruntime.__file__).parents[1]
+    return subprocess.run([sys.executable, "-S", "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=site, env={**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{packages}"})
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("wheel")
+    path, _ = build_wheel(out)
+    return path, out / "site"
+
+
+WHEEL_ANSWERS = """
+import json, os, sys, steerguard
+from steerguard.runtime.native import NativeError, NativeLibrary, library_path
+lib = NativeLibrary.load()
+os.environ["SG_ONNXRUNTIME_LIBRARY"] = "/nonexistent/libonnxruntime.so.1"
+try:
+    lib.model(sys.argv[1])
+except NativeError as e:
+    refused = [e.status, str(e)]
+del os.environ["SG_ONNXRUNTIME_LIBRARY"]
+with lib.model(sys.argv[1], threads=2) as m:
+    answers = [m.generate([{"role": "user", "content": p}], max_new_tokens=8).token_ids for p in json.loads(sys.argv[2])]
+print(json.dumps({"package": steerguard.__file__, "library": str(library_path()), "refused": refused, "answers": answers}))
+"""
+
+
+def test_the_wheel_ships_libsteerguard_and_it_answers_as_the_python_runtime(wheel, tiny_bpe):
+    path, site = wheel
+    assert path.name.endswith("-py3-none-linux_x86_64.whl")
+    assert (site / "steerguard" / "include" / "steerguard.h").read_text() == (ROOT / "csrc/include/steerguard.h").read_text()
+    assert (site / "steerguard" / "data").is_dir() and not list(site.rglob("__pycache__"))
+    needed = subprocess.run(["readelf", "-d", str(site / "steerguard" / "lib" / "libsteerguard.so")],
+                            capture_output=True, text=True).stdout
+    assert "libpcre2-8" in needed and "onnxruntime" not in needed   # it finds this environment's at load
+
+    bundle = tiny_bpe.bundles["int4"]
+    done = run_in_wheel(site, WHEEL_ANSWERS, str(bundle), json.dumps(PROMPTS[:3]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout)
+    assert got["package"].startswith(str(site)) and got["library"].startswith(str(site))
+    assert got["refused"][0] == "SG_ERR_RUNTIME" and "SG_ONNXRUNTIME_LIBRARY=/nonexistent" in got["refused"][1]
+    gm = GuardedModel.load(bundle, threads=2)
+    assert got["answers"] == [gm.generate(user(p), Sampling(max_new_tokens=8)).token_ids for p in PROMPTS[:3]]
+
+
+def test_without_the_dev_packages_the_package_installs_without_the_library_and_says_why(tmp_path):
+    # pkg-config looking in an empty folder finds none of the -dev packages
+    wheel, log = build_wheel(tmp_path, env={"PKG_CONFIG_LIBDIR": str(tmp_path), "PKG_CONFIG_PATH": ""})
+    assert "libsteerguard is not built (libpcre2-8 not found (Debian: libpcre2-dev))" in log
+    site = tmp_path / "site"
+    assert not (site / "steerguard" / "lib").exists() and (site / "steerguard" / "runtime" / "model.py").exists()
+    done = run_in_wheel(site, "from steerguard.runtime.native import NativeLibrary\nNativeLibrary.load()")
+    assert done.returncode == 1
+    assert "was installed without libsteerguard" in done.stderr and "csrc/install-deps.sh" in done.stderr

@@ -1,5 +1,6 @@
 /* The engine chain on onnxruntime's C API: the process-wide environment, the bundle's sessions, the KV
  * cache (one buffer per layer that the attention updates in place) and the prefill of a prompt. */
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -20,12 +21,37 @@ sg_status sg_ort_check(OrtStatus *s, const char *what) {
     return st;
 }
 
+typedef const OrtApiBase *(*api_base_fn)(void);
+
+/* onnxruntime is found when the first model loads, not when this library loads, so that one build serves
+ * the onnxruntime of whichever environment it runs in (the Python wheel's, a system package, a release
+ * tarball): SG_ONNXRUNTIME_LIBRARY if set, else a copy already in the process (linked by the application,
+ * or loaded globally, as steerguard.runtime.native does), else libonnxruntime.so.1 on the library path. */
+static sg_status find_onnxruntime(void) {
+    const char *path = getenv("SG_ONNXRUNTIME_LIBRARY");
+    void *sym = NULL;
+    if (path && *path) {
+        void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!lib) return sg_fail(SG_ERR_RUNTIME, "SG_ONNXRUNTIME_LIBRARY=%s cannot be loaded: %s", path, dlerror());
+        if (!(sym = dlsym(lib, "OrtGetApiBase")))
+            return sg_fail(SG_ERR_RUNTIME, "SG_ONNXRUNTIME_LIBRARY=%s is not onnxruntime (no OrtGetApiBase)", path);
+    } else if (!(sym = dlsym(RTLD_DEFAULT, "OrtGetApiBase"))) {
+        void *lib = dlopen("libonnxruntime.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (lib) sym = dlsym(lib, "OrtGetApiBase");
+    }
+    if (!sym)
+        return sg_fail(SG_ERR_RUNTIME, "onnxruntime not found: set SG_ONNXRUNTIME_LIBRARY to its libonnxruntime.so "
+                                       "(pip's onnxruntime has one in site-packages/onnxruntime/capi/)");
+    const OrtApiBase *base = ((api_base_fn)sym)();
+    if (!(sg_ort = base->GetApi(ORT_API_VERSION)))
+        return sg_fail(SG_ERR_RUNTIME, "onnxruntime %s does not offer C API version %d (1.%d or newer does)",
+                       base->GetVersionString(), ORT_API_VERSION, ORT_API_VERSION);
+    return SG_OK;
+}
+
 sg_status sg_env_acquire(int threads) {
     pthread_mutex_lock(&env_lock);
-    sg_status st = SG_OK;
-    if (!sg_ort) sg_ort = OrtGetApiBase()->GetApi(ORT_API_VERSION);
-    if (!sg_ort)
-        st = sg_fail(SG_ERR_RUNTIME, "the onnxruntime library does not offer C API version %d", ORT_API_VERSION);
+    sg_status st = sg_ort ? SG_OK : find_onnxruntime();
     if (st == SG_OK && !env) {
         OrtThreadingOptions *opts = NULL;
         st = sg_ort_check(sg_ort->CreateThreadingOptions(&opts), "threading options");

@@ -1,7 +1,7 @@
 """libsteerguard (the C library in csrc/) from Python through ctypes: for applications that want the C
 runtime's answers in-process, and for the tests and benchmarks that hold it to the Python runtime.
 
-    lib = NativeLibrary.load("build/c/libsteerguard.so")
+    lib = NativeLibrary.load()          # the one `pip install` built into steerguard/lib/, or give a path
     with lib.model("runs/demo-bundle", threads=2) as m:
         print(m.generate([{"role": "user", "content": "Hi"}], max_new_tokens=32).text)
 """
@@ -18,6 +18,30 @@ from ..errors import SteerguardError
 
 FINISH_REASONS = ("stop", "stop_string", "length")
 CANCELLED = 7
+PACKAGE = Path(__file__).resolve().parents[1]
+NOT_BUILT = ("this steerguard was installed without libsteerguard (its build needs a C compiler and the -dev "
+             "packages that `bash csrc/install-deps.sh` installs; then reinstall steerguard), or build it with "
+             "`cmake -S csrc -B build/c && cmake --build build/c` and pass its path")
+
+
+def library_path() -> Path:
+    """The libsteerguard that `pip install` built into the package (steerguard/lib/)."""
+    return PACKAGE / "lib" / "libsteerguard.so"
+
+
+def include_dir() -> Path:
+    """The folder holding steerguard.h, for C programs built against the packaged library."""
+    return PACKAGE / "include"
+
+
+def _load_onnxruntime_globally() -> None:
+    """Make this environment's onnxruntime the one libsteerguard finds (it looks for OrtGetApiBase in the
+    process before searching the library path): the onnxruntime wheel ships libonnxruntime.so.1.X.Y."""
+    import onnxruntime
+
+    found = sorted((Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so*"))
+    if found:
+        C.CDLL(str(found[0]), mode=C.RTLD_GLOBAL)
 
 
 class _LoadOptions(C.Structure):
@@ -93,12 +117,16 @@ class NativeLibrary:
                                  C.POINTER(C.c_int32)]
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "NativeLibrary":
+    def load(cls, path: str | os.PathLike | None = None) -> "NativeLibrary":
+        """Load libsteerguard: `path`, else the packaged one (library_path())."""
+        if path is None and not library_path().exists():
+            raise SteerguardError(f"{library_path()} does not exist: {NOT_BUILT}")
+        path = path or library_path()
+        _load_onnxruntime_globally()
         try:
             return cls(C.CDLL(str(path)))
         except OSError as e:
-            raise SteerguardError(f"{path}: cannot load libsteerguard ({e}); build it with "
-                                  "`cmake -S csrc -B build/c && cmake --build build/c`") from e
+            raise SteerguardError(f"{path}: cannot load libsteerguard ({e}); {NOT_BUILT}") from e
 
     @property
     def version(self) -> str:
