@@ -2,8 +2,8 @@
 
 An `Engine` is one ONNX graph in an onnxruntime session on a chosen backend. The runtime feeds it
 through `binding()` (onnxruntime I/O binding), which lets caches and activations stay in
-preallocated buffers. Backends are data: a name, the execution providers it needs, and what to
-install when they are missing."""
+preallocated buffers on the backend's device (`memory.py`). Backends are data: a name, the execution
+providers it needs, the device their tensors live on, and what to install when they are missing."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from ..errors import SteerguardError
+from .memory import HOST, Buffer, HostMemory, Memory, OrtMemory, memory_for
 
 
 @dataclass(frozen=True)
@@ -22,14 +24,25 @@ class Backend:
     name: str
     providers: tuple[str, ...]
     install: str
+    device: str = "cpu"     # where its tensors live: "cpu" or "cuda"
+
+    def session_providers(self) -> list:
+        """The providers as onnxruntime takes them, with their options."""
+        return [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p for p in self.providers]
 
 
+# fp32 engines compute in fp32 on the GPU too: the CUDA provider would otherwise round MatMul inputs to TF32
+# (10-bit mantissas), and greedy answers would drift from the CPU's
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 BACKENDS: dict[str, Backend] = {
     "cpu": Backend("cpu", ("CPUExecutionProvider",), "pip install steerguard"),
-    "cuda": Backend("cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"), "pip install 'steerguard[gpu]'"),
+    "cuda": Backend("cuda", ("CUDAExecutionProvider", "CPUExecutionProvider"), "pip install 'steerguard[gpu]'", "cuda"),
     "tensorrt": Backend("tensorrt", ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-                        "pip install 'steerguard[tensorrt]'"),
+                        "pip install 'steerguard[tensorrt]'", "cuda"),
 }
+# onnxruntime's tensor types as numpy's
+DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+          "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32), "tensor(bool)": np.dtype(np.bool_)}
 
 
 def resolve_backend(name: str, fallback_to_cpu: bool = False) -> Backend:
@@ -44,7 +57,20 @@ def resolve_backend(name: str, fallback_to_cpu: bool = False) -> Backend:
             return BACKENDS["cpu"]
         raise SteerguardError(f"backend {name!r} needs onnxruntime's {missing[0]}, which this onnxruntime "
                               f"({ort.__version__}) does not have; {backend.install}, or use --backend cpu")
+    if backend.device == "cuda":
+        _preload_cuda_libraries()
     return backend
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries from the nvidia-* wheels, where onnxruntime-gpu looks for them only
+    when asked (or when torch was imported first); a no-op where they are on the loader's path already."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:   # the session's own error names what is missing
+            pass
 
 
 def default_threads() -> int:
@@ -89,19 +115,29 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 class Engine:
-    """One ONNX graph loaded in an onnxruntime session."""
+    """One ONNX graph loaded in an onnxruntime session: a file, or a model's bytes (`graphs.py`)."""
 
-    def __init__(self, name: str, path: Path, backend: Backend, threads: int | None = None):
+    def __init__(self, name: str, path: Path | bytes, backend: Backend, threads: int | None = None):
         self.name, self.path, self.backend = name, path, backend
         opts = session_options(threads)
+        model = path if isinstance(path, bytes) else str(path)
+        where = f"engine {name}" if isinstance(path, bytes) else str(path)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=list(backend.providers))
+            self.session = ort.InferenceSession(model, opts, providers=backend.session_providers())
         except Exception as e:  # onnxruntime raises several private exception types
-            raise SteerguardError(f"{path}: onnxruntime cannot load this engine ({str(e).splitlines()[0][:200]})") from e
+            raise SteerguardError(f"{where}: onnxruntime cannot load this engine ({str(e).splitlines()[0][:200]})") from e
         self.seconds = 0.0      # time spent in this engine, for `steerguard bench`
         self.calls = 0
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._types = {v.name: v.type for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
+
+    def dtype(self, name: str) -> np.dtype:
+        """The element type of input or output `name`."""
+        kind = self._types[name]
+        if kind not in DTYPES:
+            raise SteerguardError(f"engine {self.name}: {name} has type {kind}, which the runtime does not bind")
+        return DTYPES[kind]
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
         """Plain run: numpy in, numpy out."""
@@ -122,3 +158,7 @@ class Engine:
         t = time.perf_counter()
         self.session.run_with_iobinding(binding)
         self._count(t)
+
+
+__all__ = ["BACKENDS", "DTYPES", "HOST", "PROVIDER_OPTIONS", "Backend", "Buffer", "Engine", "HostMemory", "Memory", "OrtMemory",
+           "default_threads", "memory_for", "resolve_backend", "session_options"]

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import numpy as np
-import onnxruntime as ort
 
 from ..errors import SteerguardError
 from .chat import TextStream
@@ -125,16 +124,6 @@ class _Row:
     sent: int = 0
 
 
-class _CacheRows(KVCache):
-    """The first `n` rows of a KVCache, sharing its memory (a contiguous view of each buffer)."""
-
-    def __init__(self, cache: KVCache, n: int):
-        self.max_len = cache.max_len
-        self.buffers = {k: v[:n] for k, v in cache.buffers.items()}
-        self.values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.buffers.items()}
-        self.lengths = cache.lengths[:n]
-
-
 class ContinuousBatcher:
     """Serves requests through one GuardedModel with continuous batching (module docstring).
 
@@ -155,11 +144,11 @@ class ContinuousBatcher:
         self.max_len = min(max_len or 4096, model.context)
         if self.max_len < 2:
             raise SteerguardError(f"max_len must be at least 2 tokens, got {self.max_len}")
-        self.cache = KVCache(range(model.num_layers), max_batch, model.kv_heads, self.max_len, model.head_dim)
+        self.cache = model.new_cache(range(model.num_layers), max_batch, self.max_len)
         self._rotary = model.rotary_tables(Prompt([0], positions=np.zeros((3, 1), np.int64)), self.max_len)
         self.prefill_tokens = prefill_tokens
         self.prefix = self._template_prefix() if prefix_cache else None
-        self._steps: collections.OrderedDict[int, tuple[_CacheRows, DecodeStep]] = collections.OrderedDict()
+        self._steps: collections.OrderedDict[int, tuple[KVCache, DecodeStep]] = collections.OrderedDict()
         self._rows: list[_Row] = []
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._cond = threading.Condition()
@@ -383,8 +372,7 @@ class ContinuousBatcher:
             src, dst = first + offset, first + to
             if src != dst:
                 n = int(self.cache.lengths[src])
-                for buf in self.cache.buffers.values():
-                    buf[dst, :, :n] = buf[src, :, :n]
+                self.cache.copy_positions(dst, self.cache, src, n)
                 self.cache.lengths[dst] = n
         self.cache.lengths[first + len(kept):] = 0
 
@@ -416,34 +404,34 @@ class ContinuousBatcher:
         """`GuardedModel.score` for a prepared prompt: the chain up to the prober, in a cache of its own."""
         m = self.model
         upto = next(i for i, (eng, _) in enumerate(m.decoders) if eng is m.risk_engine) + 1
-        cache = KVCache(range(m.decoders[upto - 1][1].stop), 1, m.kv_heads, len(prompt.ids), m.head_dim)
+        cache = m.new_cache(range(m.decoders[upto - 1][1].stop), 1, len(prompt.ids))
         return m.prefill(prompt, cache, 0, m.decoders[:upto])[1]
 
     def _step(self) -> None:
         n = len(self._rows)
         view, step = self._step_for(n)
         tokens = np.array([r.next_token for r in self._rows], np.int64)
-        hidden = self.model.decode_one_token(tokens, view, step)
+        self.model.decode_one_token(tokens, view, step)
         fired = np.array([r.fired for r in self._rows])
-        logits = self.model.next_logits(hidden, fired, step)
+        nxt = self.model.step_tokens(step, fired, [r.ticket.sampling for r in self._rows], [r.rng for r in self._rows])
         finished = []
         for i, row in enumerate(self._rows):
             row.steps += 1
-            if not self._accept(row, sample(logits[i], row.ticket.sampling, row.rng)):
+            if not self._accept(row, int(nxt[i])):
                 finished.append(i)
         for i in reversed(finished):
             self._release(i)
 
-    def _step_for(self, n: int) -> tuple[_CacheRows, DecodeStep]:
+    def _step_for(self, n: int) -> tuple[KVCache, DecodeStep]:
         """Decode-step bindings over the first n rows, made once per batch size and kept for a few."""
         solo = self._rows[0].ticket if n == 1 and self._rows[0].ticket.solo else None
         if solo is not None:   # its own rotary table; not kept
-            view = _CacheRows(self.cache, 1)
+            view = self.cache.first_rows(1)
             return view, DecodeStep(self.model, view, 1, self.model.rotary_tables(solo.prompt, self.max_len))
         if n in self._steps:
             self._steps.move_to_end(n)
         else:
-            view = _CacheRows(self.cache, n)
+            view = self.cache.first_rows(n)
             self._steps[n] = (view, DecodeStep(self.model, view, n, self._rotary))
             while len(self._steps) > self.STEP_CACHE:
                 self._steps.popitem(last=False)
@@ -500,8 +488,7 @@ class ContinuousBatcher:
         last = len(self._rows) - 1
         if index != last:
             n = int(self.cache.lengths[last])
-            for buf in self.cache.buffers.values():
-                buf[index, :, :n] = buf[last, :, :n]
+            self.cache.copy_positions(index, self.cache, last, n)
             self.cache.lengths[index] = n
             self._rows[index] = self._rows[last]
         self.cache.lengths[last] = 0

@@ -8,6 +8,7 @@ buffer per layer that onnxruntime updates in place; nothing is concatenated per 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Generator, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..engines import Engine, resolve_backend
+from ..engines import Buffer, Engine, Memory, resolve_backend
+from ..engines.graphs import argmax_graph, select_graph
+from ..engines.memory import HOST, memory_for
 from ..errors import SteerguardError
 from .chat import ChatTokenizer, Message, TextStream
 from .manifest import Manifest
@@ -51,38 +54,63 @@ class GenerationResult:
 
 class KVCache:
     """One (batch, kv_heads, max_len, head_dim) buffer per layer for keys and one for values, shared by
-    each engine's `past_key_values.{i}` input and `present.{i}` output."""
+    each engine's `past_key_values.{i}` input and `present.{i}` output, in `memory` (numpy arrays by
+    default; a device's memory for a model on a GPU)."""
 
-    def __init__(self, layers: range, batch: int, kv_heads: int, max_len: int, head_dim: int):
+    def __init__(self, layers: range, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 memory: Memory = HOST, dtype: np.dtype = np.dtype(np.float32)):
         shape = (batch, kv_heads, max_len, head_dim)
-        self.max_len = max_len
-        self.buffers = {(i, kind): np.zeros(shape, np.float32) for i in layers for kind in ("key", "value")}
-        self.values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.buffers.items()}
+        self.memory, self.max_len = memory, max_len
+        self.tensors = {(i, kind): memory.zeros(shape, dtype) for i in layers for kind in ("key", "value")}
         self.lengths = np.zeros(batch, np.int64)
+
+    @property
+    def buffers(self) -> dict[tuple[int, str], np.ndarray]:
+        """The buffers as numpy arrays: themselves in host memory, copies from a device."""
+        return {k: t.numpy() for k, t in self.tensors.items()}
+
+    def first_rows(self, n: int) -> "KVCache":
+        """The first n rows, sharing this cache's memory (a contiguous view of each buffer)."""
+        view = object.__new__(KVCache)
+        view.memory, view.max_len = self.memory, self.max_len
+        view.tensors = {k: t.rows(0, n) for k, t in self.tensors.items()}
+        view.lengths = self.lengths[:n]
+        return view
+
+    def copy_positions(self, row: int, src: "KVCache", src_row: int, n: int) -> None:
+        """The first n positions of `src`'s row `src_row` into row `row`, for every layer this cache holds."""
+        memory = src.memory if self.memory.host else self.memory     # a device's copy reaches host memory too
+        for key, t in self.tensors.items():
+            memory.copy_positions(t, row, src.tensors[key], src_row, n)
 
     def bind(self, binding: ort.IOBinding, layers: range, rows: slice | None = None) -> None:
         """Bind the layers' buffers (or a block of consecutive rows, a contiguous view) as past and present."""
         for i in layers:
             for kind in ("key", "value"):
-                value = (self.values[(i, kind)] if rows is None
-                         else ort.OrtValue.ortvalue_from_numpy(self.buffers[(i, kind)][rows]))
-                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+                t = self.tensors[(i, kind)]
+                if rows is not None:
+                    t = t.rows(rows.start, rows.stop)
+                t.bind_input(binding, f"past_key_values.{i}.{kind}")
+                t.bind_output(binding, f"present.{i}.{kind}")
 
 
 class GuardedModel:
     """A loaded bundle. Thread-safe: each call keeps its own cache and bindings."""
 
     def __init__(self, manifest: Manifest, backend: str = "cpu", threads: int | None = None,
-                 fallback_to_cpu: bool = False):
+                 fallback_to_cpu: bool = False, memory: str | None = None):
         self.manifest = manifest
         m = manifest.model
         self.num_layers, self.hidden_size = m["num_layers"], m["hidden_size"]
         self.kv_heads, self.head_dim, self.context = m["num_kv_heads"], m["head_dim"], m["context"]
         be = resolve_backend(backend, fallback_to_cpu)
         self.backend = be.name
+        # where the KV cache and the activations between engines live (engines/memory.py)
+        self.memory = memory_for(be.device, memory or os.environ.get("STEERGUARD_MEMORY") or None)
+        self.kv_memory = self._kv_memory(os.environ.get("STEERGUARD_KV") or "device")
         half = [e["name"] for e in manifest.engines if e.get("precision") == "fp16"]
-        if half and be.name == "cpu":
+        # onnxruntime's CPU kernels run fp16 graphs, slowly: allowed only for tests and the GPU script's dry run
+        if half and be.name == "cpu" and os.environ.get("STEERGUARD_FP16_ON_CPU") != "1":
             raise SteerguardError(f"{manifest.root}: fp16 engines ({', '.join(half)}) run on GPUs only; use "
                                   "--backend cuda or tensorrt, or export with --precision fp32, int8 or int4")
 
@@ -124,13 +152,41 @@ class GuardedModel:
         self.tokenizer = ChatTokenizer(manifest.path(t["file"]), manifest.path(t["config"]),
                                        manifest.path(t["chat_template"]))
         self.stop_ids = set(manifest.data["generation"]["stop_token_ids"])
+        self.kv_dtype = self._kv_dtype()
+        self.hidden_dtype = self.head.dtype("hidden")
+        # greedy tokens from logits that stay on the device, and the refusal rows mixed in there
+        self.argmax = None if self.memory.host else Engine("argmax", argmax_graph(self.head.dtype("logits")), be, threads)
+        self.select = Engine("select", select_graph(self.hidden_dtype), be, threads) if self.refusal else None
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "cpu", threads: int | None = None,
-             verify: bool = True, fallback_to_cpu: bool = False) -> "GuardedModel":
+             verify: bool = True, fallback_to_cpu: bool = False, memory: str | None = None) -> "GuardedModel":
         """Load a bundle after checking its manifest and every file's sha256. A backend this machine
-        cannot run is an error, unless `fallback_to_cpu` asks for the CPU instead."""
-        return cls(Manifest.load(bundle, verify=verify), backend, threads, fallback_to_cpu)
+        cannot run is an error, unless `fallback_to_cpu` asks for the CPU instead. `memory` ("host" or
+        "device", default STEERGUARD_MEMORY, else host on the CPU and device on GPUs) says where the KV
+        cache and activations live; "device" on the CPU runs the GPUs' code path with onnxruntime's CPU memory."""
+        return cls(Manifest.load(bundle, verify=verify), backend, threads, fallback_to_cpu, memory)
+
+    def _kv_dtype(self) -> np.dtype:
+        """The KV cache's element type, as the decoder engines declare their past inputs (one for all)."""
+        found = {eng.dtype(n) for eng, _ in self.decoders + self.step_decoders for n in eng.input_names
+                 if n.startswith("past_key_values.")}
+        if len(found) != 1:
+            raise SteerguardError(f"{self.manifest.root}: the engines' KV caches have types "
+                                  f"{sorted(map(str, found)) or 'none'}; the runtime needs one type; re-export the bundle")
+        return found.pop()
+
+    def _kv_memory(self, where: str) -> Memory:
+        """STEERGUARD_KV=host keeps the KV cache in numpy arrays while the activations stay on the device: for
+        a GPU whose attention kernels run on the CPU provider (onnxruntime 1.31's CUDA provider has no fp32
+        GroupQueryAttention), which would otherwise copy each layer's whole cache both ways every step."""
+        if where not in ("host", "device"):
+            raise SteerguardError(f"STEERGUARD_KV must be host or device, not {where!r}")
+        return HOST if where == "host" else self.memory
+
+    def new_cache(self, layers: range, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `layers` where this model keeps it."""
+        return KVCache(layers, batch, self.kv_heads, max_len, self.head_dim, self.kv_memory, self.kv_dtype)
 
     @property
     def guarded(self) -> bool:
@@ -234,8 +290,9 @@ class GuardedModel:
         reused = prefix.reusable(prompt) if prefix is not None else 0
         if reused:
             prefix.copy_into(cache, row, reused)
-        x = self.embed.run({"input_ids": np.array([ids[reused:]], np.int64)})["inputs_embeds"]
+        x = self._embed(np.array([ids[reused:]], np.int64))
         if prompt.image_rows is not None:
+            x = x.numpy()
             x[0, np.asarray(ids) == self.vision.image_token_id] = prompt.image_rows
         cache.lengths[row] = len(ids)
         attention = AttentionInputs(np.array([len(ids)]), len(ids), self.rotary_tables(prompt, cache.max_len))
@@ -257,7 +314,7 @@ class GuardedModel:
         ids = np.zeros((len(prompts), width), np.int64)
         for i, p in enumerate(prompts):
             ids[i, :lengths[i]] = p.ids
-        x = self.embed.run({"input_ids": ids})["inputs_embeds"]
+        x = self._embed(ids)
         rows = slice(first_row, first_row + len(prompts))
         cache.lengths[rows] = lengths
         attention = AttentionInputs(lengths, width, self.rotary_tables(prompts[0], cache.max_len))
@@ -272,25 +329,38 @@ class GuardedModel:
             return False
         return not self.guarded or self.risk_per_token or len({len(p.ids) for p in prompts}) == 1
 
-    def _run_prefill_chain(self, x: np.ndarray, attention: "AttentionInputs", cache: KVCache, rows: slice,
-                           decoders: list | None = None) -> dict[str, np.ndarray]:
-        """The prefill engines over `x` (B, S, d) into a contiguous block of cache rows: {"hidden", "risk"?}."""
+    def _embed(self, ids: np.ndarray) -> ort.OrtValue:
+        """The embeddings of (B, S) token ids, left where the model's tensors live."""
+        b = self.embed.binding()
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_output("inputs_embeds", self.memory.device_type, self.memory.device_id)
+        self.embed.run_binding(b)
+        return b.get_outputs()[0]
+
+    def _run_prefill_chain(self, x: np.ndarray | ort.OrtValue, attention: "AttentionInputs", cache: KVCache,
+                           rows: slice, decoders: list | None = None) -> dict[str, np.ndarray]:
+        """The prefill engines over `x` (B, S, d) into a contiguous block of cache rows: {"hidden", "risk"?}.
+        The activations pass from engine to engine where the model's tensors live; only the final hidden
+        states and the risk come back to the host."""
         found: dict[str, np.ndarray] = {}
         for engine, layers in decoders or self.decoders:
             b = engine.binding()
-            b.bind_cpu_input(engine.input_names[0], x)
+            if isinstance(x, np.ndarray):
+                b.bind_cpu_input(engine.input_names[0], x)
+            else:
+                b.bind_ortvalue_input(engine.input_names[0], x)
             attention.bind(b)
             cache.bind(b, layers, rows)
             outs = [n for n in engine.output_names if not n.startswith("present.")]
             for n in outs:
-                b.bind_output(n)
+                b.bind_output(n, self.memory.device_type, self.memory.device_id)
             engine.run_binding(b)
             # only the activations: copying every bound output would copy the whole KV cache too
-            values = {n: v.numpy() for n, v in zip(outs, b.get_outputs()[-len(outs):])}
+            values = dict(zip(outs, b.get_outputs()[-len(outs):]))
             x = values.get("hidden_states", values.get("last_hidden_state"))
             if "risk" in values:
-                found["risk"] = values["risk"]
-        found["hidden"] = x
+                found["risk"] = values["risk"].numpy()
+        found["hidden"] = x if isinstance(x, np.ndarray) else x.numpy()
         return found
 
     def _prompt_risk(self, risk: np.ndarray | None, row: int, prompt: Prompt, reused: int) -> float | None:
@@ -306,9 +376,9 @@ class GuardedModel:
     def prefix_kv(self, ids: Sequence[int], max_len: int) -> "PrefixKV":
         """The KV of a token prefix many prompts share (a chat template's opening), computed once."""
         ids = list(ids)
-        cache = KVCache(range(self.num_layers), 1, self.kv_heads, len(ids), self.head_dim)
+        cache = self.new_cache(range(self.num_layers), 1, len(ids))
         prompt = self.prepare(ids)
-        x = self.embed.run({"input_ids": np.array([ids], np.int64)})["inputs_embeds"]
+        x = self._embed(np.array([ids], np.int64))
         attention = AttentionInputs(np.array([len(ids)]), len(ids), self.rotary_tables(prompt, max_len))
         self._run_prefill_chain(x, attention, cache, slice(0, 1))
         return PrefixKV(self, ids, cache)
@@ -317,26 +387,45 @@ class GuardedModel:
         """Fire when risk >= tau; a non-finite risk fires too (the guard fails closed)."""
         return self.guarded and not (risk is not None and np.isfinite(risk) and risk < self.tau)
 
-    def decode_one_token(self, tokens: np.ndarray, cache: KVCache, step: "DecodeStep") -> np.ndarray:
-        """Append `tokens` (B,) to every row; return the final hidden states (B, d)."""
+    def decode_one_token(self, tokens: np.ndarray, cache: KVCache, step: "DecodeStep") -> np.ndarray | Buffer:
+        """Append `tokens` (B,) to every row; return the final hidden states (B, d): a numpy view in host
+        memory, else the device buffer (read it with `.numpy()`, a copy)."""
         cache.lengths += 1
         step.ids[:, 0] = tokens
         step.attention.advance(cache.lengths)
         self.embed.run_binding(step.embed_binding)
         for (engine, _), b in zip(self.step_decoders, step.bindings):
             engine.run_binding(b)
-        return step.hidden_out[-1][:, 0, :]
+        return step.hidden.array if step.hidden.array is not None else step.hidden
 
-    def next_logits(self, hidden: np.ndarray, fired: np.ndarray, step: "DecodeStep | None" = None) -> np.ndarray:
-        """Logits (B, V) through the plain head, or through the refusal transform for rows that fired.
-        With `step` and no row fired, the head reads the last engine's output buffer in place."""
+    def next_logits(self, hidden: np.ndarray | Buffer, fired: np.ndarray, step: "DecodeStep | None" = None
+                    ) -> np.ndarray:
+        """Logits (B, V) on the host through the plain head, or through the refusal transform for rows that
+        fired. With `step`, the heads read the last engine's output buffer where it lies (`hidden` unused);
+        without, `hidden` is the prefill's last states on the host."""
+        if step is not None:
+            return step.logits(fired)
+        hidden = np.ascontiguousarray(hidden.numpy() if isinstance(hidden, Buffer) else hidden, self.hidden_dtype)
         if fired.any():
-            steered = self.refusal.run({"hidden": np.ascontiguousarray(hidden)})["steered"]
+            steered = self.refusal.run({"hidden": hidden})["steered"]
             hidden = np.where(fired[:, None], steered, hidden)
-        elif step is not None:
-            self.head.run_binding(step.head_binding)
-            return step.logits
-        return self.head.run({"hidden": np.ascontiguousarray(hidden, np.float32)})["logits"]
+        return self.head.run({"hidden": hidden})["logits"]
+
+    def step_tokens(self, step: "DecodeStep", fired: np.ndarray, samplings: Sequence[Sampling | None],
+                    rngs: Sequence[np.random.Generator | None]) -> np.ndarray:
+        """Each row's next token after a decode step (0 for rows whose sampling is None: finished). When
+        every live row is greedy and the tensors are on a device, the argmax runs there and only the token
+        ids come to the host; otherwise the logits do."""
+        live = [i for i, s in enumerate(samplings) if s is not None]
+        if step.tokens is not None and all(samplings[i].temperature == 0 for i in live):
+            tokens = step.greedy(fired).copy()
+        else:
+            logits = step.logits(fired)
+            tokens = np.zeros(len(samplings), np.int64)
+            for i in live:
+                tokens[i] = sample(logits[i], samplings[i], rngs[i])
+        tokens[[i for i, s in enumerate(samplings) if s is None]] = 0
+        return tokens
 
     # ---- public API -----------------------------------------------------------------------------
     def generate(self, request: Request, sampling: Sampling | None = None, **kw) -> GenerationResult:
@@ -350,7 +439,7 @@ class GuardedModel:
         prompt = self.prepare(request)
         self._check_fits(prompt.ids, Sampling(max_new_tokens=1))
         upto = [i for i, (eng, _) in enumerate(self.decoders) if eng is self.risk_engine][0] + 1
-        cache = KVCache(range(self.decoders[upto - 1][1].stop), 1, self.kv_heads, len(prompt.ids), self.head_dim)
+        cache = self.new_cache(range(self.decoders[upto - 1][1].stop), 1, len(prompt.ids))
         return self.prefill(prompt, cache, 0, self.decoders[:upto])[1]
 
     def generate_batch(self, requests: Sequence[Request], sampling: Sampling | None = None,
@@ -380,11 +469,11 @@ class GuardedModel:
             self._check_fits(ids, s)
         batch = len(prompts)
         max_len = max(len(p) for p in prompts) + s.max_new_tokens
-        cache = KVCache(range(self.num_layers), batch, self.kv_heads, max_len, self.head_dim)
+        cache = self.new_cache(range(self.num_layers), batch, max_len)
         rngs = [np.random.default_rng(s.seed) for _ in range(batch)]
 
         t0 = time.perf_counter()
-        last_hidden = np.zeros((batch, self.hidden_size), np.float32)
+        last_hidden = np.zeros((batch, self.hidden_size), self.hidden_dtype)
         risks: list[float | None] = []
         rotary = [self.rotary_tables(p, max_len) for p in encoded]
         if rotary[0] is not None and any(not np.array_equal(r[0], rotary[0][0]) for r in rotary):
@@ -402,12 +491,15 @@ class GuardedModel:
         streams = [TextStream(self.tokenizer) for _ in range(batch)]
         texts = [""] * batch
         step = DecodeStep(self, cache, batch, rotary[0])
-        hidden, t_first, n_steps = last_hidden, None, 0
+        t_first, n_steps = None, 0
         while True:
-            logits = self.next_logits(hidden, fired, step if n_steps else None)
-            if not n_steps and fired.any():     # a refusal is never empty: it cannot end the turn at once
-                logits[np.ix_(fired, list(self.stop_ids))] = -np.inf
-            nxt = np.array([sample(logits[r], s, rngs[r]) if reasons[r] is None else 0 for r in range(batch)])
+            if n_steps:
+                nxt = self.step_tokens(step, fired, [None if reasons[r] else s for r in range(batch)], rngs)
+            else:
+                logits = self.next_logits(last_hidden, fired)
+                if fired.any():     # a refusal is never empty: it cannot end the turn at once
+                    logits[np.ix_(fired, list(self.stop_ids))] = -np.inf
+                nxt = np.array([sample(logits[r], s, rngs[r]) for r in range(batch)])
             t_first = t_first or time.perf_counter()
             for r in range(batch):
                 if reasons[r] is not None:
@@ -427,7 +519,7 @@ class GuardedModel:
                     reasons[r] = "length"
             if all(reasons):
                 break
-            hidden = self.decode_one_token(nxt, cache, step)
+            self.decode_one_token(nxt, cache, step)
             n_steps += 1
         t_end = time.perf_counter()
 
@@ -479,8 +571,7 @@ class PrefixKV:
 
     def copy_into(self, cache: KVCache, row: int, n: int) -> None:
         """The prefix's first n positions into `row`, for the layers `cache` holds."""
-        for key, buf in cache.buffers.items():
-            buf[row, :, :n] = self.cache.buffers[key][0, :, :n]
+        cache.copy_positions(row, self.cache, 0, n)
 
 
 class AttentionInputs:
@@ -505,39 +596,112 @@ class AttentionInputs:
 
 
 class DecodeStep:
-    """The I/O bindings of one decode step, made once per request and never rebound: token ids,
-    activations and the attention's lengths live in preallocated arrays updated in place."""
+    """The I/O bindings of one decode step, made once per request and never rebound: token ids, activations
+    and the attention's lengths live in preallocated buffers updated in place, the activations and the
+    heads' inputs in the model's memory (on the device with a GPU). The heads' bindings are made when first
+    needed: plain or refusal rows, and logits to the host or (greedy, on a device) only the argmax."""
 
     def __init__(self, model: GuardedModel, cache: KVCache, batch: int,
                  rotary: tuple[np.ndarray, np.ndarray] | None = None):
-        d = model.hidden_size
+        self.model = model
+        mem, d = model.memory, model.hidden_size
         self.ids = np.zeros((batch, 1), np.int64)
         self.attention = AttentionInputs(cache.lengths, cache.max_len, rotary)
-        x = np.zeros((batch, 1, d), np.float32)
+        x = mem.zeros((batch, 1, d), model.embed.dtype("inputs_embeds"))
         self.embed_binding = model.embed.binding()
         self.embed_binding.bind_cpu_input("input_ids", self.ids)
-        self.embed_binding.bind_ortvalue_output("inputs_embeds", ort.OrtValue.ortvalue_from_numpy(x))
-        self.bindings, self.hidden_out = [], []
+        x.bind_output(self.embed_binding, "inputs_embeds")
+        self.bindings: list[ort.IOBinding] = []
         self._keep = [x]
         for engine, layers in model.step_decoders:
             b = engine.binding()
-            b.bind_ortvalue_input(engine.input_names[0], ort.OrtValue.ortvalue_from_numpy(x))
+            _check_dtype(engine, engine.input_names[0], x)
+            x.bind_input(b, engine.input_names[0])
             self.attention.bind(b)
             cache.bind(b, layers)
-            out = np.zeros((batch, 1, d), np.float32)
             name = "last_hidden_state" if "last_hidden_state" in engine.output_names else "hidden_states"
-            b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(out))
-            if "risk" in engine.output_names:
-                risk = np.zeros((batch, 1) if model.risk_per_token else batch, np.float32)
+            out = mem.zeros((batch, 1, d), engine.dtype(name))
+            out.bind_output(b, name)
+            if "risk" in engine.output_names:     # computed on every step, read only at prefill
+                risk = mem.zeros((batch, 1) if model.risk_per_token else (batch,), engine.dtype("risk"))
+                risk.bind_output(b, "risk")
                 self._keep.append(risk)
-                b.bind_ortvalue_output("risk", ort.OrtValue.ortvalue_from_numpy(risk))
             self.bindings.append(b)
-            self.hidden_out.append(out)
+            self._keep.append(out)
             x = out
-        self.logits = np.zeros((batch, model.manifest.model["vocab_size"]), np.float32)
-        self.head_binding = model.head.binding()
-        self.head_binding.bind_ortvalue_input("hidden", ort.OrtValue.ortvalue_from_numpy(x.reshape(batch, d)))
-        self.head_binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.hidden = x.view((batch, d))       # the last engine's output: what the heads read
+        _check_dtype(model.head, "hidden", self.hidden)
+        self._logits_host = np.zeros((batch, model.manifest.model["vocab_size"]), model.head.dtype("logits"))
+        # on a device, greedy decoding reads only the argmax of each row
+        self.tokens = None if model.argmax is None else np.zeros(batch, np.int64)
+        self._pick = np.zeros((batch, 1), np.bool_)            # the rows the refusal head answers
+        self._sources: dict[str, Buffer] = {"hidden": self.hidden}
+        self._refusal: ort.IOBinding | None = None
+        self._select: ort.IOBinding | None = None
+        self._argmax: ort.IOBinding | None = None
+        self._logits_device: Buffer | None = None
+        self._heads: dict[tuple[str, bool], ort.IOBinding] = {}
+
+    def logits(self, fired: np.ndarray) -> np.ndarray:
+        """(B, V) logits on the host after the step (the plain head, or the refusal one for rows that fired)."""
+        self.model.head.run_binding(self._head(self._head_input(fired), on_host=True))
+        return self._logits_host
+
+    def greedy(self, fired: np.ndarray) -> np.ndarray:
+        """(B,) greedy tokens, the argmax taken on the device (models whose memory is a device's)."""
+        self.model.head.run_binding(self._head(self._head_input(fired), on_host=False))
+        self.model.argmax.run_binding(self._argmax)
+        return self.tokens
+
+    def _head_input(self, fired: np.ndarray) -> str:
+        """Run the refusal transform as the rows need it; say which buffer the head reads."""
+        if not fired.any():
+            return "hidden"
+        if self._refusal is None:
+            self._bind_refusal()
+        self.model.refusal.run_binding(self._refusal)
+        if fired.all():
+            return "steered"
+        self._pick[:, 0] = fired
+        self.model.select.run_binding(self._select)
+        return "mixed"
+
+    def _bind_refusal(self) -> None:
+        """hidden -> refusal -> steered; (pick, steered, hidden) -> select -> mixed."""
+        m = self.model
+        steered = self._sources["steered"] = m.memory.zeros(self.hidden.shape, m.refusal.dtype("steered"))
+        mixed = self._sources["mixed"] = m.memory.zeros(self.hidden.shape, self.hidden.dtype)
+        self._refusal = m.refusal.binding()
+        self.hidden.bind_input(self._refusal, "hidden")
+        steered.bind_output(self._refusal, "steered")
+        self._select = m.select.binding()
+        self._select.bind_cpu_input("pick", self._pick)
+        steered.bind_input(self._select, "a")
+        self.hidden.bind_input(self._select, "b")
+        mixed.bind_output(self._select, "out")
+
+    def _head(self, source: str, on_host: bool) -> ort.IOBinding:
+        """The head reading `source`, writing its logits to the host or (for the argmax) to the device."""
+        key = (source, on_host)
+        if key not in self._heads:
+            b = self.model.head.binding()
+            self._sources[source].bind_input(b, "hidden")
+            if on_host:
+                HOST.wrap(self._logits_host).bind_output(b, "logits")
+            else:
+                self._device_logits().bind_output(b, "logits")
+            self._heads[key] = b
+        return self._heads[key]
+
+    def _device_logits(self) -> Buffer:
+        """One device buffer for the logits, which the argmax reads; the tokens come to the host."""
+        if self._logits_device is None:
+            m = self.model
+            self._logits_device = m.memory.zeros(self._logits_host.shape, self._logits_host.dtype)
+            self._argmax = m.argmax.binding()
+            self._logits_device.bind_input(self._argmax, "logits")
+            HOST.wrap(self.tokens).bind_output(self._argmax, "token")
+        return self._logits_device
 
 
 class Stream:
@@ -597,6 +761,12 @@ def _without_pixels(messages: list, placeholder_text: str | None = None) -> list
         return [{"type": "image"} if p.get("type") == "image" else p for p in parts]
 
     return [{**m, "content": content(m["content"])} if isinstance(m.get("content"), list) else m for m in messages]
+
+
+def _check_dtype(engine: Engine, name: str, value: Buffer) -> None:
+    if engine.dtype(name) != value.dtype:
+        raise SteerguardError(f"engine {engine.name} takes {name} as {engine.dtype(name)} but the engine before it "
+                              f"gives {value.dtype}; re-export the bundle")
 
 
 def _one(manifest: Manifest, role: str) -> dict:
