@@ -419,12 +419,13 @@ class GuardedModel:
         live = [i for i, s in enumerate(samplings) if s is not None]
         if step.tokens is not None and all(samplings[i].temperature == 0 for i in live):
             tokens = step.greedy(fired).copy()
-        else:
-            logits = step.logits(fired)
-            tokens = np.zeros(len(samplings), np.int64)
-            for i in live:
-                tokens[i] = sample(logits[i], samplings[i], rngs[i])
-        tokens[[i for i, s in enumerate(samplings) if s is None]] = 0
+            if len(live) < len(samplings):
+                tokens[[i for i, s in enumerate(samplings) if s is None]] = 0
+            return tokens
+        logits = step.logits(fired)
+        tokens = np.zeros(len(samplings), np.int64)
+        for i in live:
+            tokens[i] = sample(logits[i], samplings[i], rngs[i])
         return tokens
 
     # ---- public API -----------------------------------------------------------------------------
