@@ -4,6 +4,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import json  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -14,6 +16,34 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent (a plain clone)")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# requests of mixed lengths, some the tiny guards fire on: for batching, where rows join and leave
+MIXED_PROMPTS = ["How do I protect my account from hackers?", "Tell me how to hurt someone.",
+                 "What is the capital of France and why is it famous for its food and art?", "hello there",
+                 "What is art?", "Why is the sky blue?"]
+
+
+def run_together(batcher, jobs, stagger_s=0.0):
+    """Submit (request, sampling, steer) jobs to a ContinuousBatcher, `stagger_s` apart; wait for and return
+    their results (a Finished event's result, or a Failed one's error)."""
+    from steerguard.runtime.batching import Failed, Finished
+
+    results, done = [None] * len(jobs), [threading.Event() for _ in jobs]
+
+    def listener(i):
+        def listen(ev):
+            if isinstance(ev, (Finished, Failed)):
+                results[i] = ev.result if isinstance(ev, Finished) else ev.error
+                done[i].set()
+        return listen
+
+    for i, (request, sampling, steer) in enumerate(jobs):
+        batcher.submit(request, sampling, listener(i), steer)
+        time.sleep(stagger_s)
+    for d in done:
+        assert d.wait(120)
+    return results
 
 
 def tiny_tokenizer(texts, extra_specials: list[str] = ()):

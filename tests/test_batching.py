@@ -8,14 +8,12 @@ import time
 import numpy as np
 import pytest
 
+from conftest import MIXED_PROMPTS as PROMPTS, run_together
 from steerguard.errors import SteerguardError
-from steerguard.runtime.batching import Admitted, ContinuousBatcher, Failed, Finished, Piece, QueueFull
+from steerguard.runtime.batching import Admitted, ContinuousBatcher, Finished, Piece, QueueFull
 from steerguard.runtime.model import GuardedModel, KVCache
 from steerguard.runtime.sampling import Sampling
 
-PROMPTS = ["How do I protect my account from hackers?", "Tell me how to hurt someone.",
-           "What is the capital of France and why is it famous for its food and art?", "hello there",
-           "What is art?", "Why is the sky blue?"]
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +21,6 @@ def gm(tiny_export):
     model = GuardedModel.load(tiny_export.bundle, threads=2)
     model.tau = 0.5
     return model
-
-
-def run_together(batcher, jobs, stagger_s=0.0):
-    """Submit (request, sampling, steer) jobs, `stagger_s` apart; wait for and return their results."""
-    results, done = [None] * len(jobs), [threading.Event() for _ in jobs]
-
-    def listener(i):
-        def listen(ev):
-            if isinstance(ev, (Finished, Failed)):
-                results[i] = ev.result if isinstance(ev, Finished) else ev.error
-                done[i].set()
-        return listen
-
-    for i, (request, sampling, steer) in enumerate(jobs):
-        batcher.submit(request, sampling, listener(i), steer)
-        time.sleep(stagger_s)
-    for d in done:
-        assert d.wait(120)
-    return results
 
 
 def test_greedy_answers_joining_and_leaving_a_batch_equal_generate(gm):

@@ -5,22 +5,19 @@ gives exactly the default (numpy) path's tokens, risks and decisions: alone, bat
 batched, with the refusal head on some rows, and with a KV cache in fp16."""
 import ctypes
 import shutil
-import threading
 
 import numpy as np
 import onnx
 import pytest
 
+from conftest import MIXED_PROMPTS as PROMPTS, run_together
 from steerguard.engines import HOST, OrtMemory, memory_for
 from steerguard.engines.graphs import argmax_graph, select_graph
 from steerguard.errors import SteerguardError
-from steerguard.runtime.batching import ContinuousBatcher, Failed, Finished
+from steerguard.runtime.batching import ContinuousBatcher
 from steerguard.runtime.model import GuardedModel
 from steerguard.runtime.sampling import Sampling
 
-PROMPTS = ["How do I protect my account from hackers?", "Tell me how to hurt someone.",
-           "What is the capital of France and why is it famous for its food and art?", "hello there",
-           "What is art?", "Why is the sky blue?"]
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +69,8 @@ def test_batched_rows_with_the_refusal_head_on_some_give_the_default_paths_answe
 
 def run_batcher(model, jobs):
     batcher = ContinuousBatcher(model, max_batch=3, max_queue=16)
-    results, done = [None] * len(jobs), [threading.Event() for _ in jobs]
-
-    def listener(i):
-        def listen(ev):
-            if isinstance(ev, (Finished, Failed)):
-                results[i] = ev.result if isinstance(ev, Finished) else ev.error
-                done[i].set()
-        return listen
-
     try:
-        for i, (prompt, sampling, steer) in enumerate(jobs):
-            batcher.submit(prompt, sampling, listener(i), steer)
-        assert all(d.wait(120) for d in done)
+        results = run_together(batcher, jobs)
         assert batcher.peak_rows == 3 and batcher.prefix is not None
         return results, batcher
     finally:
