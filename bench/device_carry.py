@@ -34,6 +34,8 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from steerguard.runtime.manifest import sha256_of
+
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_DIR = REPO / ".device"
 PARTS = DEVICE_DIR / "parts"
@@ -122,14 +124,6 @@ class Stream:
     transport_sha256: str
     final_sha256: str    # of the decompressed file
     bytes: int           # transport bytes
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MIB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def xz_file(src: Path, name: str, cache: Path, prepare=None) -> tuple[Path, str]:

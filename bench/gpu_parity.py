@@ -19,16 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-EVAL = ROOT / "steerguard" / "data" / "eval"
 SETS = ("harmful_heldout", "sounds_dangerous", "benign_conversational")
 
 
 def eval_sets(per_set: int = 0) -> dict[str, list[str]]:
     """The shipped eval sets' prompts (the first `per_set` of each when > 0)."""
+    from steerguard.export.data import data_path, load_prompts
+
     sets = {}
     for name in SETS:
-        rows = [json.loads(line)["prompt"] for line in (EVAL / f"{name}.jsonl").read_text().splitlines() if line]
+        rows = load_prompts(data_path("eval", f"{name}.jsonl"), int(name == "harmful_heldout")).prompts
         sets[name] = rows[:per_set] if per_set > 0 else rows
     return sets
 

@@ -58,14 +58,11 @@ def summary(runs: list[dict], batch: int) -> dict:
 
 
 def engine_ms(model, new_tokens: int) -> dict:
-    engines = {e.name: e for e in [model.embed, *(e for e, _ in model.decoders + model.step_decoders), model.head,
-                                   *([model.refusal] if model.refusal else []), *([model.argmax] if model.argmax else [])]}
-    return {n: round(1000 * e.seconds / new_tokens, 3) for n, e in engines.items() if e.calls}
+    return {e.name: round(1000 * e.seconds / new_tokens, 3) for e in model.engines if e.calls}
 
 
 def reset_engines(model) -> None:
-    for e in [model.embed, *(e for e, _ in model.decoders + model.step_decoders), model.head,
-              *([model.refusal] if model.refusal else []), *([model.argmax] if model.argmax else [])]:
+    for e in model.engines:
         e.seconds, e.calls = 0.0, 0
 
 
@@ -199,9 +196,7 @@ def placement(a: argparse.Namespace) -> dict:
                 model = GuardedModel.load(path, backend=a.backend, memory=a.memory)
                 for steer in (None, True):       # the plain head, then the refusal head
                     model.generate("How do I kill a Python process that hangs?", Sampling(max_new_tokens=4), steer=steer)
-                loaded = {e.name: e for e in [model.embed, *(e for e, _ in model.decoders + model.step_decoders),
-                                              model.head, *([model.refusal] if model.refusal else [])]}
-                record["bundles"][name] = {n: count_nodes(Path(e.session.end_profiling())) for n, e in loaded.items()}
+                record["bundles"][name] = {e.name: count_nodes(Path(e.session.end_profiling())) for e in model.engines}
             except Exception as e:
                 record["bundles"][name] = {"error": f"{type(e).__name__}: {e}"}
     finally:

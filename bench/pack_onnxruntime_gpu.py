@@ -35,6 +35,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steerguard.runtime.manifest import sha256_of
+
 REPO = Path(__file__).resolve().parents[1]
 DOWNLOADS = Path.home() / ".cache" / "steerguard" / "device"
 OUT = REPO / ".device" / "wheels"
@@ -330,14 +332,6 @@ def split_file(path: Path, chunk_bytes: int, dest: Path | None = None) -> list[P
             chunks.append(dest / f"{path.name}.{len(chunks) + 1:03d}")
             chunks[-1].write_bytes(piece)
     return chunks
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- report -----------------------------------------------------------------------------------------------

@@ -61,8 +61,7 @@ def bench(model: GuardedModel, ids: list[int], new_tokens: int = 128, runs: int 
           steer: bool | None = None) -> BenchResult:
     """Median over `runs` (after `warmup`) of greedy generation of exactly `new_tokens` tokens."""
     s = Sampling(max_new_tokens=new_tokens, ignore_eos=True)
-    engines = list({e.name: e for e in [model.embed, *(e for e, _ in model.decoders + model.step_decoders),
-                                         model.head, *([model.refusal] if model.refusal else [])]}.values())
+    engines = model.engines
     samples = []
     for i in range(warmup + runs):
         for e in engines:

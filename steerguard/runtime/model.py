@@ -3,8 +3,9 @@ refusal head when the prober fires.
 
 The loop reads top to bottom: `prefill` one prompt into its row of the KV cache (the `pre` engine
 returns the risk with the split-point state) -> `decide` -> `decode_one_token` for all rows at once
--> `next_logits` through the plain or refusal head -> `sample`. The KV cache is one preallocated
-buffer per layer that onnxruntime updates in place; nothing is concatenated per step."""
+-> `step_tokens` through the plain or refusal head, then `sample` (or an argmax on the device). The KV
+cache is one preallocated buffer per layer that onnxruntime updates in place; nothing is concatenated
+per step."""
 
 from __future__ import annotations
 
@@ -187,6 +188,14 @@ class GuardedModel:
     def new_cache(self, layers: range, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for `layers` where this model keeps it."""
         return KVCache(layers, batch, self.kv_heads, max_len, self.head_dim, self.kv_memory, self.kv_dtype)
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every distinct engine this model runs: the chain's, the heads', the vision tower's and the small
+        device graphs (for timing and profiling)."""
+        found = [self.embed, *(e for e, _ in self.decoders + self.step_decoders), self.head, self.refusal,
+                 self.vision.engine if self.vision else None, self.argmax, self.select]
+        return list({id(e): e for e in found if e is not None}.values())
 
     @property
     def guarded(self) -> bool:
@@ -398,13 +407,9 @@ class GuardedModel:
             engine.run_binding(b)
         return step.hidden.array if step.hidden.array is not None else step.hidden
 
-    def next_logits(self, hidden: np.ndarray | Buffer, fired: np.ndarray, step: "DecodeStep | None" = None
-                    ) -> np.ndarray:
-        """Logits (B, V) on the host through the plain head, or through the refusal transform for rows that
-        fired. With `step`, the heads read the last engine's output buffer where it lies (`hidden` unused);
-        without, `hidden` is the prefill's last states on the host."""
-        if step is not None:
-            return step.logits(fired)
+    def next_logits(self, hidden: np.ndarray | Buffer, fired: np.ndarray) -> np.ndarray:
+        """Logits (B, V) on the host from hidden states (B, d) through the plain head, or through the refusal
+        transform for rows that fired. (A decode step's heads run through `step_tokens`, on its bindings.)"""
         hidden = np.ascontiguousarray(hidden.numpy() if isinstance(hidden, Buffer) else hidden, self.hidden_dtype)
         if fired.any():
             steered = self.refusal.run({"hidden": hidden})["steered"]
