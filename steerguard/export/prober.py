@@ -37,6 +37,10 @@ class Prober:
     tau: float = 0.5            # fire when risk >= tau
     metrics: dict = field(default_factory=dict)
     span: int = 1               # `post`: how many final prompt tokens (the template's) the feature averages
+    # named thresholds ("strict", "balanced" = tau, "permissive") with what each gives on held-out rows and
+    # the shipped evaluation sets, and the held-out ROC they were read from (see calibrate.operating_points)
+    operating_points: dict = field(default_factory=dict)
+    roc: dict = field(default_factory=dict)
 
     def risk(self, x: np.ndarray) -> np.ndarray:
         """p(harmful) for features `x` (n, d). Non-finite inputs give NaN (the guard fails closed on it)."""
@@ -144,14 +148,16 @@ class Prober:
         np.savez(folder / "prober.npz", w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2)
         (folder / "prober.json").write_text(json.dumps(
             {"layer": self.layer, "feature": self.feature, "tau": self.tau, "hidden": int(self.w1.shape[1]),
-             "span": self.span, "metrics": self.metrics}, indent=1))
+             "span": self.span, "metrics": self.metrics, "operating_points": self.operating_points,
+             "roc": self.roc}, indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> "Prober":
         meta = json.loads((folder / "prober.json").read_text())
         with np.load(folder / "prober.npz") as w:
             return cls(layer=meta["layer"], feature=meta["feature"], tau=meta["tau"], metrics=meta["metrics"],
-                       w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"], span=meta.get("span", 1))
+                       w1=w["w1"], b1=w["b1"], w2=w["w2"], b2=w["b2"], span=meta.get("span", 1),
+                       operating_points=meta.get("operating_points", {}), roc=meta.get("roc", {}))
 
 
 def _blocks(rows: list[np.ndarray], size: int = 1 << 13):
