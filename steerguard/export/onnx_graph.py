@@ -164,53 +164,51 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
     # an attention mask costs six small operators per engine per token
     seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])                 # each row's length - 1
     total = g.input("total_sequence_length", TensorProto.INT32, [])             # the KV buffer's width
-    if spec.mrope:   # per-request tables: row i rotates the token at sequence index i (3-D positions)
-        half = spec.head_dim // 2
-        cos = g.input("rotary_cos", f32, ["rotary_positions", half])
-        sin = g.input("rotary_sin", f32, ["rotary_positions", half])
-    else:
-        cos, sin = g.const("cos_cache", spec.cos), g.const("sin_cache", spec.sin)
+    tables = _rotary_tables(g, spec, [spec.layers[i].rotary for i in range(first, last)])
     eps = spec.rms_eps
 
-    residual, pending = x, None
+    # the residual stream is `residual` + `pending` (the last sublayer's output, not added in yet): a norm in
+    # front of the next sublayer adds and normalises in one fused operator
+    stream = _Stream(g, x, eps)
     for i in range(first, last):
         L, p = spec.layers[i], f"layers.{i}/"
-        if pending is None:
-            normed = g.one("RMSNormalization", [residual, g.const(p + "attn_norm", L.attn_norm)],
-                           axis=-1, epsilon=eps, name=p + "attn_norm")
-        else:
-            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
-                                          [pending, residual, g.const(p + "attn_norm", L.attn_norm)],
-                                          n_out=4, domain=MS, epsilon=eps, name=p + "attn_norm")
+        normed = stream.enter(L.attn_norm, p + "attn_norm", p + "attn_residual")
         qkv = g.one("MatMul", [normed, g.const(p + "qkv", L.qkv)], name=p + "qkv")
         if L.qkv_bias is not None:
             qkv = g.one("Add", [qkv, g.const(p + "qkv_bias", L.qkv_bias)])
         if L.q_norm is not None:
-            qkv = _head_norms(g, qkv, L, spec, p)
+            qkv = _qk_norms(g, qkv, L, spec, p)
         pk, pv = past_names(i)
         g.input(pk, f32, kv_shape)
         g.input(pv, f32, kv_shape)
         ok, ov = present_names(i)
-        attn = g.op("GroupQueryAttention", [qkv, "", "", pk, pv, seqlens, total, cos, sin],
+        inputs = [qkv, "", "", pk, pv, seqlens, total]
+        options = {}
+        if L.window is not None:   # the same count as transformers' sliding_window (measured: tests/test_families.py)
+            options["local_window_size"] = L.window
+        attn = g.op("GroupQueryAttention", inputs + list(tables[L.rotary]) if L.rotary is not None else inputs,
                     outputs=[p + "attn", ok, ov], domain=MS, name=p + "attention",
-                    num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-                    scale=float(spec.head_dim ** -0.5))[0]
+                    num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=int(L.rotary is not None),
+                    rotary_interleaved=0, scale=float(spec.attn_scale or spec.head_dim ** -0.5), **options)[0]
         g.output(ok, f32, ["batch", spec.num_kv_heads, "total_sequence_length", spec.head_dim])
         g.output(ov, f32, ["batch", spec.num_kv_heads, "total_sequence_length", spec.head_dim])
-        o = g.one("MatMul", [attn, g.const(p + "o", L.o)], name=p + "o")
-        normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, g.const(p + "mlp_norm", L.mlp_norm)],
-                                      n_out=4, domain=MS, epsilon=eps, name=p + "mlp_norm")
+        stream.leave(g.one("MatMul", [attn, g.const(p + "o", L.o)], name=p + "o"), L.attn_out_norm, p + "attn_out_norm")
+        normed = stream.enter(L.mlp_norm, p + "mlp_norm", p + "mlp_residual")
         gate, up = g.op("Split", [g.one("MatMul", [normed, g.const(p + "gate_up", L.gate_up)], name=p + "gate_up")],
                         n_out=2, axis=-1, num_outputs=2)
-        act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), up])
-        pending = g.one("MatMul", [act, g.const(p + "down", L.down)], name=p + "down")
+        if spec.activation == "gelu_pytorch_tanh":
+            act = g.one("Mul", [g.one("Gelu", [gate], approximate="tanh"), up])
+        else:
+            act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), up])
+        stream.leave(g.one("MatMul", [act, g.const(p + "down", L.down)], name=p + "down"), L.mlp_out_norm,
+                     p + "mlp_out_norm")
 
     if final_norm:
-        g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.const("final_norm", spec.final_norm)],
+        g.op("SkipSimplifiedLayerNormalization", [stream.pending, stream.residual, g.const("final_norm", spec.final_norm)],
              outputs=["last_hidden_state", "", "", ""], domain=MS, epsilon=eps, name="final_norm")
         g.output("last_hidden_state", f32, ["batch", "sequence_length", d])
     else:
-        g.op("Add", [residual, pending], outputs=["hidden_states"], name="split_point")
+        g.op("Add", [stream.residual, stream.pending], outputs=["hidden_states"], name="split_point")
         g.output("hidden_states", f32, ["batch", "sequence_length", d])
     if prober is not None:
         _prober(g, "hidden_states", prober)
@@ -218,17 +216,72 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
     return g.model()
 
 
-def _head_norms(g: "Graph", qkv: str, L, spec: DecoderSpec, p: str) -> str:
-    """Chameleon's query/key norms: LayerNorm over each head's vector, then that head's own gain and bias."""
+class _Stream:
+    """The residual stream through a decoder engine: `residual` plus the `pending` output of the last sublayer."""
+
+    def __init__(self, g: Graph, x: str, eps: float):
+        self.g, self.residual, self.pending, self.eps = g, x, None, eps
+
+    def enter(self, gain: np.ndarray | None, name: str, add_name: str) -> str:
+        """A sublayer's input: the stream, normalised by `gain` (its pre-norm) unless the family has none there."""
+        g = self.g
+        if gain is None:
+            if self.pending is not None:
+                self.residual = g.one("Add", [self.residual, self.pending], name=add_name)
+                self.pending = None
+            return self.residual
+        if self.pending is None:
+            return g.one("RMSNormalization", [self.residual, g.const(name, gain)], axis=-1, epsilon=self.eps, name=name)
+        normed, _, _, self.residual = g.op("SkipSimplifiedLayerNormalization", [self.pending, self.residual,
+                                                                              g.const(name, gain)],
+                                           n_out=4, domain=MS, epsilon=self.eps, name=name)
+        self.pending = None
+        return normed
+
+    def leave(self, out: str, gain: np.ndarray | None, name: str) -> None:
+        """A sublayer's output joins the stream, normalised by `gain` first where the family has a post-norm."""
+        if gain is not None:
+            out = self.g.one("RMSNormalization", [out, self.g.const(name, gain)], axis=-1, epsilon=self.eps, name=name)
+        self.pending = out
+
+
+def _rotary_tables(g: Graph, spec: DecoderSpec, keys: list[str | None]) -> dict[str, tuple[str, str]]:
+    """The (cos, sin) values each rotary key of these layers reads: constants, or for multimodal rotary the
+    per-request inputs the runtime fills (row i rotates the token at sequence index i, 3-D positions)."""
+    if spec.mrope:
+        half = spec.head_dim // 2
+        return {"": (g.input("rotary_cos", TensorProto.FLOAT, ["rotary_positions", half]),
+                     g.input("rotary_sin", TensorProto.FLOAT, ["rotary_positions", half]))}
+    tables = {}
+    for key in dict.fromkeys([""] if set(spec.rotary) == {""} else keys):
+        if key is not None:
+            suffix = f".{key}" if key else ""
+            cos, sin = spec.rotary[key]
+            tables[key] = g.const("cos_cache" + suffix, cos), g.const("sin_cache" + suffix, sin)
+    return tables
+
+
+def _qk_norms(g: Graph, qkv: str, L, spec: DecoderSpec, p: str) -> str:
+    """Normalise the queries and keys inside the packed projection, the family's way (arch.QK_NORMS)."""
     hd, heads, kv = spec.head_dim, spec.num_heads, spec.num_kv_heads
     q, k, v = g.op("Split", [qkv, g.const(p + "qkv_sizes", np.array([heads * hd, kv * hd, kv * hd], np.int64))],
                    n_out=3, axis=-1)
-    ones, zeros = g.const("head_norm_one", np.ones(hd, np.float32)), g.const("head_norm_zero", np.zeros(hd, np.float32))
+    if spec.qk_norm == "rms":        # over the whole projection (OLMo 2)
+        return g.one("Concat", [g.one("RMSNormalization", [q, g.const(p + "q_norm", L.q_norm)], axis=-1,
+                                      epsilon=spec.rms_eps, name=p + "q_norm"),
+                                g.one("RMSNormalization", [k, g.const(p + "k_norm", L.k_norm)], axis=-1,
+                                      epsilon=spec.rms_eps, name=p + "k_norm"), v], axis=-1)
+    if spec.qk_norm == "head_layer":
+        ones, zeros = g.const("head_norm_one", np.ones(hd, np.float32)), g.const("head_norm_zero", np.zeros(hd, np.float32))
 
-    def norm(x: str, n: int, w: np.ndarray, b: np.ndarray, name: str) -> str:
+    def norm(x: str, n: int, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
         per_head = g.one("Reshape", [x, g.const(f"heads{n}", np.array([0, 0, n, hd], np.int64))])
-        normed = g.one("LayerNormalization", [per_head, ones, zeros], axis=-1, epsilon=1e-5)
-        scaled = g.one("Add", [g.one("Mul", [normed, g.const(p + name + "_w", w)]), g.const(p + name + "_b", b)])
+        if spec.qk_norm == "head_rms":   # one gain for every head (Qwen3, Gemma 3)
+            scaled = g.one("RMSNormalization", [per_head, g.const(p + name, w)], axis=-1, epsilon=spec.rms_eps,
+                           name=p + name)
+        else:                            # a LayerNorm with each head's own gain and bias (Chameleon)
+            normed = g.one("LayerNormalization", [per_head, ones, zeros], axis=-1, epsilon=1e-5)
+            scaled = g.one("Add", [g.one("Mul", [normed, g.const(p + name + "_w", w)]), g.const(p + name + "_b", b)])
         return g.one("Reshape", [scaled, g.const(f"flat{n}", np.array([0, 0, n * hd], np.int64))])
 
     return g.one("Concat", [norm(q, heads, L.q_norm, L.q_norm_bias, "q_norm"),
@@ -238,22 +291,32 @@ def _head_norms(g: "Graph", qkv: str, L, spec: DecoderSpec, p: str) -> str:
 def embed_engine(spec: DecoderSpec) -> onnx.ModelProto:
     g = Graph("embed")
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence_length"])
-    g.op("Gather", [g.const("embed_tokens", spec.embed), ids], outputs=["inputs_embeds"], axis=0)
+    # a scaled embedding (Gemma, Granite) multiplies each gathered row in float32: so does scaling the table
+    table = spec.embed if spec.embed_scale == 1 else spec.embed * np.float32(spec.embed_scale)
+    g.op("Gather", [g.const("embed_tokens", table), ids], outputs=["inputs_embeds"], axis=0)
     g.output("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence_length", spec.hidden_size])
     return g.model()
 
 
 def head_engine(spec: DecoderSpec) -> onnx.ModelProto:
-    """The LM head with its own constant (d, V) weight, even when tied: quantizers need a constant MatMul weight."""
+    """The LM head with its own constant (d, V) weight, even when tied: quantizers need a constant MatMul weight.
+    Then, where the model has them, its logit scaling and softcapping (as it computes them), and the floor of
+    the tokens it never writes."""
     g = Graph("head")
     h = g.input("hidden", TensorProto.FLOAT, ["batch", spec.hidden_size])
+    steps: list[tuple[str, list[str], str | None]] = [("MatMul", [g.const("lm_head", spec.head.T)], "lm_head")]
+    if spec.logit_divisor != 1:
+        steps.append(("Div", [g.const("logit_divisor", np.array(spec.logit_divisor, np.float32))], "logit_scaling"))
+    if spec.final_softcap:
+        cap = g.const("logit_softcap", np.array(spec.final_softcap, np.float32))
+        steps += [("Div", [cap], None), ("Tanh", [], None), ("Mul", [cap], "logit_softcap")]
     if spec.suppressed_tokens:   # a logit of float32's lowest value: adding it leaves exactly that value
         floor = np.zeros(spec.vocab_size, np.float32)
         floor[spec.suppressed_tokens] = np.finfo(np.float32).min
-        raw = g.one("MatMul", [h, g.const("lm_head", spec.head.T)], name="lm_head")
-        g.op("Add", [raw, g.const("suppressed", floor)], outputs=["logits"], name="suppress")
-    else:
-        g.op("MatMul", [h, g.const("lm_head", spec.head.T)], outputs=["logits"], name="lm_head")
+        steps.append(("Add", [g.const("suppressed", floor)], "suppress"))
+    x = h
+    for j, (op, operands, name) in enumerate(steps):
+        x = g.op(op, [x, *operands], name=name, outputs=["logits"] if j == len(steps) - 1 else None)[0]
     g.output("logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
     return g.model()
 
