@@ -75,8 +75,8 @@ def test_chat_answers_are_the_runtimes_generate(client, gm, name):
         assert r.choices[0].finish_reason == finish_reason(want)
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, len(want.token_ids))
         assert r.usage.total_tokens == want.prompt_tokens + len(want.token_ids)
-        assert r.model_extra["guard"] == {"risk": want.risk, "tau": gm.tau, "fired": want.fired,
-                                          "split_layer": gm.split_layer}
+        assert r.model_extra["guard"] == {"risk": want.risk, "tau": gm.tau, "operating_point": gm.operating_point,
+                                          "fired": want.fired, "split_layer": gm.split_layer}
 
 
 def test_streamed_answers_are_the_same_answers(client, gm, name):
@@ -280,3 +280,59 @@ def test_api_key_body_limit_and_full_queue(bundles, name):
         assert "ok" in outcomes and any(o != "ok" and o >= 1 for o in outcomes), outcomes
         assert s.wait_idle(5)["rows_in_use"] == 0
         assert c.chat.completions.create(model=name, messages=user(PROMPTS[1]), max_tokens=4).choices
+
+
+def test_operating_points_from_the_command_line_and_per_request(bundles, tmp_path_factory, name):
+    """The server judges at --operating-point; a request's `operating_point` (a name or a tau) overrides it for
+    that request alone, in chat (whole and streamed), text completions and moderation; `guard` says which."""
+    from test_operating_points import with_points
+
+    gm = GuardedModel.load(bundles["guarded"], threads=2)
+    risks = [gm.score(user(p)) for p in PROMPTS]
+    r = sorted(risks)
+    points = {"strict": (r[0] + r[1]) / 2, "balanced": (r[1] + r[2]) / 2, "permissive": min(1.0, r[-1] + 0.01)}
+    bundle = with_points(bundles["guarded"], tmp_path_factory.mktemp("points") / "b", points)
+    fires = lambda risk, tau: not risk < tau  # noqa: E731
+    with Server(bundle, "--operating-point", "strict") as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        card = c.models.retrieve(name).model_extra["guard"]
+        assert card["operating_point"] == "strict" and card["tau"] == points["strict"]
+        assert card["operating_points"] == points
+        for prompt, risk in zip(PROMPTS, risks):
+            for point, tau, label in ((None, points["strict"], "strict"), ("permissive", points["permissive"], "permissive"),
+                                      ("balanced", points["balanced"], "balanced"), (0, 0.0, None), (0.999, 0.999, None)):
+                extra = {} if point is None else {"extra_body": {"operating_point": point}}
+                got = c.chat.completions.create(model=name, messages=user(prompt), max_tokens=4, **extra)
+                guard = got.model_extra["guard"]
+                assert (guard["tau"], guard["operating_point"], guard["fired"]) == (tau, label, fires(risk, tau))
+                assert (got.choices[0].finish_reason == "content_filter") == fires(risk, tau)
+        top = PROMPTS[int(max(range(len(risks)), key=risks.__getitem__))]
+        chunks = list(c.chat.completions.create(model=name, messages=user(top), max_tokens=4, stream=True,
+                                                extra_body={"operating_point": "permissive"}))
+        assert chunks[0].model_extra["guard"]["operating_point"] == "permissive"
+        assert not chunks[0].model_extra["guard"]["fired"] and chunks[-1].choices[0].finish_reason != "content_filter"
+        done = c.completions.create(model=name, prompt="Tell me", max_tokens=3, extra_body={"operating_point": 0.0})
+        assert done.model_extra["guard"]["fired"] and done.model_extra["guard"]["tau"] == 0.0
+        for point, tau in ((None, points["strict"]), ("permissive", points["permissive"]), (0.0, 0.0)):
+            extra = {} if point is None else {"extra_body": {"operating_point": point}}
+            m = c.moderations.create(model=name, input=PROMPTS, **extra)
+            assert [x.flagged for x in m.results] == [fires(k, tau) for k in risks]
+            assert {x.model_extra["guard"]["tau"] for x in m.results} == {tau}
+        for bad, says in (("loose", "unknown operating point 'loose': this bundle has strict, balanced, permissive"),
+                          (1.5, "tau must be between 0 and 1, got 1.5"), (-0.2, "tau must be between 0 and 1"),
+                          (True, "a tau between 0 and 1"), ({"name": "strict"}, "a tau between 0 and 1")):
+            for call in (lambda: c.chat.completions.create(model=name, messages=user("hi"), max_tokens=2,
+                                                           extra_body={"operating_point": bad}),
+                         lambda: c.moderations.create(input="hi", extra_body={"operating_point": bad})):
+                with pytest.raises(openai.BadRequestError) as e:
+                    call()
+                assert e.value.body["param"] == "operating_point" and e.value.body["code"] == "invalid_value"
+                assert says in e.value.body["message"]
+    with Server(bundles["plain"]) as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=gm.manifest.model["name"], messages=user("hi"), max_tokens=2,
+                                      extra_body={"operating_point": "strict"})
+        assert "no guard" in e.value.body["message"]
+        r = c.chat.completions.create(model=gm.manifest.model["name"], messages=user("hi"), max_tokens=2)
+        assert r.model_extra["guard"]["tau"] is None and r.model_extra["guard"]["operating_point"] is None

@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from ..errors import SteerguardError
-from .options import backend_options, decision, load_bundle, sampling_options, torch_threads
+from .options import (backend_options, decision, describe_point, load_bundle, operating_point_option,
+                      operating_point_table, sampling_options, torch_threads)
 
 
 @click.command()
@@ -73,18 +74,20 @@ def export(model, out, guard_dir, unguarded, precision, block_size, head_block_s
 @click.option("--system", default=None, help="A system message.")
 @sampling_options
 @backend_options
+@operating_point_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
-def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, as_json):
+def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, operating_point, as_json):
     """Answer PROMPT (with --image, about the image) with BUNDLE, streaming; ends with one line: risk,
-    decision, tokens/s. The guard judges the text and the images together."""
-    model = load_bundle(bundle, backend, fallback_cpu)
+    decision (at the threshold --operating-point picks), tokens/s. The guard judges the text and the images
+    together."""
+    model = load_bundle(bundle, backend, fallback_cpu, operating_point)
     content = ([{"type": "image", "image": str(i)} for i in images] + [{"type": "text", "text": prompt}]
                if images else prompt)
     request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     if as_json:
         r = model.generate(request, sampling)
         click.echo(json.dumps({"text": r.text, "risk": r.risk, "fired": r.fired, "split_layer": r.split_layer,
-                               "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                               "tau": r.tau, "operating_point": r.operating_point, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                                "timings": r.timings}))
         return
     stream = model.stream(request, sampling)
@@ -103,13 +106,15 @@ def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, as_json
 @click.option("--system", default=None, help="A system message.")
 @sampling_options
 @backend_options
-def chat(bundle, system, sampling, backend, fallback_cpu):
+@operating_point_option
+def chat(bundle, system, sampling, backend, fallback_cpu, operating_point):
     """Multi-turn chat in the terminal. The guard judges every user turn (with the conversation so
-    far); /reset starts over, /quit or Ctrl-D leaves."""
-    model = load_bundle(bundle, backend, fallback_cpu)
+    far, at the threshold --operating-point picks); /reset starts over, /quit or Ctrl-D leaves."""
+    model = load_bundle(bundle, backend, fallback_cpu, operating_point)
     history = [{"role": "system", "content": system}] if system else []
-    click.echo(f"chatting with {model.manifest.model['name']} "
-               f"({'guarded at layer %d' % model.split_layer if model.guarded else 'unguarded'}); /quit to leave")
+    guard = (f"guarded at layer {model.split_layer}, {describe_point(model.tau, model.operating_point)}"
+             if model.guarded else "unguarded")
+    click.echo(f"chatting with {model.manifest.model['name']} ({guard}); /quit to leave")
     while True:
         try:
             line = input("you> ").strip()
@@ -159,6 +164,7 @@ def inspect(bundle, no_verify):
         click.echo(f"guard    split layer {g['split_layer']}, tau {g['tau']:.3f}, eps {g['eps']}, prober "
                    f"{g['feature']} token -> {g['prober_hidden']} -> 2 ({g['prober_precision']}), val AUROC "
                    f"{pm.get('val_auroc', float('nan')):.3f}")
+        _print_operating_points(m)
         click.echo("SAS")
         scores = g["sas"]["scores"]
         top = max(scores)
@@ -179,6 +185,29 @@ def inspect(bundle, no_verify):
         extra = f", prober {e['prober']}" if "prober" in e else ""
         click.echo(f"  {e['name']:<8} {e['role']:<8} {e['precision']:<5} {size / 1e6:8.1f} MB  {layers}{extra}  "
                    f"in: {_names(e['inputs'])}  out: {_names(e['outputs'])}")
+
+
+def _print_operating_points(m) -> None:
+    """The guard's named thresholds (runtime/model.py: operating_points_of) and where the ROC plot is."""
+    from ..runtime.model import operating_points_of
+
+    g = m.guard
+    points = operating_points_of(g)
+    default = g.get("default_operating_point") or "balanced"
+    if not g.get("operating_points"):
+        click.echo(f"operating points  only balanced (tau {g['tau']:.3f}): this bundle's guard was calibrated "
+                   "before operating points")
+        return
+    click.echo(f"operating points  (--operating-point NAME|TAU; default {default}; FPR/TPR on held-out calibration "
+               "rows, fire rates on the shipped evaluation sets)")
+    for line in operating_point_table(points, default):
+        click.echo(line)
+    roc = g.get("roc") or {}
+    plot = m.path("report/roc.png")
+    where = f"{plot}" if plot.exists() else "no plot in this bundle"
+    if roc.get("fpr"):
+        click.echo(f"ROC      AUROC {roc.get('auroc', float('nan')):.3f} on {roc.get('rows', '?')} held-out rows; "
+                   f"{where}")
 
 
 def _names(names: list[str]) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import SteerguardError
-from ..export.prober import DEFAULT_FEATURE
-from .options import check_output, sampling_options, torch_threads
+from ..export.prober import DEFAULT_ERASE_SOURCES, DEFAULT_FEATURE, DEFAULT_PROBE, PROBES
+from .options import check_output, operating_point_option, sampling_options, torch_threads
 
 
 @click.command()
@@ -42,19 +42,22 @@ from .options import check_output, sampling_options, torch_threads
                    "the chat template's tokens after the user's text (post: end of turn and assistant header, "
                    "where an aligned model has read the whole request); or the mean over the user's tokens "
                    "(mean, not exportable).")
+@click.option("--probe", type=click.Choice(PROBES), default=DEFAULT_PROBE, show_default=True,
+              help="linear: logistic regression on the feature (stored as two ReLU units in the same engine); "
+                   "mlp: the paper's d -> 64 -> 2 MLP.")
 @click.option("--max-per-source", type=int, default=400, show_default=True, help="Rows drawn from each source.")
 @click.option("--refusal-targets", type=int, default=300, show_default=True)
 @click.option("--refusal-epochs", type=int, default=8, show_default=True)
 @click.option("--pair-subspace", type=int, default=None,
               help="Confine the prober to the top-K directions in which the harmful/benign pairs differ "
                    "(less reliance on style; docs/RESULTS.md measures it).")
-@click.option("--erase-sources", type=int, default=4, show_default=True,
+@click.option("--erase-sources", type=int, default=DEFAULT_ERASE_SOURCES, show_default=True,
               help="Remove the K directions along which calibration sources of the same class differ "
                    "(their style) before the prober reads the split-point state; 0 keeps them.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, image_col, image_root,
               caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
-              max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, seed):
+              probe, max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, seed):
     """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
     local HF cache, or a named model fetched once into ~/.cache/steerguard: 'demo' (SmolLM2-135M-Instruct) or
     'reference' (Qwen2.5-Coder-0.5B-Instruct).
@@ -75,7 +78,7 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     if vlsafe:
         data.pairs += load_vlsafe(vlsafe)
     data.extra += [_prompt_set(spec, 1) for spec in harmful_files] + [_prompt_set(spec, 0) for spec in benign_files]
-    cfg = CalibrationConfig(layer=layer, feature=feature, max_per_source=max_per_source,
+    cfg = CalibrationConfig(layer=layer, feature=feature, probe=probe, max_per_source=max_per_source,
                             refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed,
                             pair_subspace=pair_subspace, erase_sources=erase_sources)
     check_output(out)
@@ -100,8 +103,11 @@ def _print_summary(guard, out: Path) -> None:
     rows = [("model", guard.model["name"]),
             ("layers / hidden", f"{guard.model['num_layers']} / {guard.model['hidden_size']}"),
             ("split layer (argmax SAS)", f"{guard.split_layer}  (SAS {max(guard.sas.scores):.3f})"),
-            ("prober", f"{guard.prober.feature} token(s) at layer {guard.prober.layer}, tau {guard.prober.tau:.3f}"),
+            ("prober", f"{guard.prober.probe} on the {guard.prober.feature} token(s) at layer {guard.prober.layer}"),
             ("validation accuracy / AUROC", f"{m['val_accuracy']:.3f} / {m['val_auroc']:.3f}"),
+            *((f"tau {name}", f"{p['tau']:.4f}  (validation false fires {p['fpr']:.1%}, catches {p['tpr']:.1%}"
+               + "".join(f"; {k} {v:.1%}" for k, v in p["fire_rates"].items() if ":" not in k) + ")")
+              for name, p in guard.prober.operating_points.items()),
             ("refusal head", f"eps {guard.refusal.eps}, loss {guard.refusal.metrics['loss_per_epoch']}"),
             ("time", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items())),
             ("written to", str(out))]
@@ -154,22 +160,32 @@ def generate(model, guard_dir, prompt, sampling, as_json):
 @click.option("--limit", type=int, default=None, help="At most this many prompts per file (seeded sample).")
 @click.option("--risk-only", is_flag=True, help="Score the prober only; generate no answers.")
 @click.option("--keep-overlap", is_flag=True, help="Keep prompts that also appear in the calibration data.")
-def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens, limit, risk_only, keep_overlap):
+@operating_point_option
+def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens, limit, risk_only, keep_overlap,
+             operating_point):
     """Guarded vs unguarded ASR, false refusals and prober AUROC of a guard on MODEL (with --guard),
     or of a bundle from `steerguard export` (MODEL is the bundle folder; runs the engine chain).
 
     With no --harmful/--benign, uses the shipped evaluation sets (held-out harmful requests, benign
-    questions that sound dangerous, benign conversational requests)."""
+    questions that sound dangerous, benign conversational requests). The guard decides at
+    --operating-point; the report reads every operating point on this run's risks (a table, and marked on
+    roc.png)."""
     torch_threads()
     from ..export.data import data_path, drop_calibration_overlap, load_prompts
     from ..export.evaluate import BundleRunner, TorchRunner, evaluate, write_report
     from ..export.guard import Guard
     from ..export.models import load_model
 
+    from ..runtime.model import operating_points_of, resolve_operating_point
+
     bundle = (Path(model) / "manifest.json").exists()
     if not bundle and guard_dir is None:
         raise SteerguardError("give --guard DIR, or a bundle folder as MODEL")
     guard = Guard.load(guard_dir) if guard_dir and not bundle else None
+    if guard is not None:     # the guard's own table; a bad choice fails before any model loads
+        points = operating_points_of({"tau": guard.prober.tau, "operating_points": guard.prober.operating_points})
+        guard.prober.tau, point_name = resolve_operating_point(points, operating_point) \
+            if operating_point is not None else (guard.prober.tau, "balanced" if "balanced" in points else None)
     sets = [_prompt_set(f, 1) for f in harmful_files] + [_prompt_set(f, 0) for f in benign_files]
     if not sets:
         sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1),
@@ -188,12 +204,18 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
         gm = GuardedModel.load(model)
         if not gm.guarded:
             raise SteerguardError(f"{model} is an unguarded bundle; there is no guard to evaluate")
+        gm.set_operating_point(operating_point)
         runner, name, layer, tau = BundleRunner(gm), gm.manifest.model["name"], gm.split_layer, gm.tau
+        points, point_name = gm.operating_points, gm.operating_point
     else:
         lm = load_model(model)
         guard.check_model(lm)
         runner, name, layer, tau = TorchRunner(lm, guard), guard.model["name"], guard.split_layer, guard.prober.tau
+    points = dict(points)
+    if point_name is None:
+        points["explicit"] = {"tau": tau}
     results = evaluate(runner, tau, sets, max_new_tokens, generate=not risk_only)
     write_report(results, name, layer, tau, out, {"max_new_tokens": max_new_tokens, "runner": "bundle" if bundle
-                                                  else "torch", "dropped_calibration_overlap": dropped})
+                                                  else "torch", "dropped_calibration_overlap": dropped,
+                                                  "operating_point": point_name}, points)
     click.echo((out / "report.md").read_text())

@@ -33,6 +33,30 @@ def sampling_options(f):
     return wrapper
 
 
+class OperatingPointType(click.ParamType):
+    """NAME or TAU: a number is an explicit tau (checked against [0, 1] when the bundle loads), else a name."""
+    name = "NAME|TAU"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+
+OPERATING_POINT_HELP = ("The guard's threshold: strict (fires most: the lowest tau), balanced (the calibrated tau, "
+                        "the default), permissive (fires least: the highest tau), or a tau between 0 and 1. "
+                        "`steerguard inspect BUNDLE` shows each one's false and true fire rates.")
+
+
+def operating_point_option(f):
+    """--operating-point NAME|TAU, passed on as `operating_point` (None: the bundle's default)."""
+    return click.option("--operating-point", "operating_point", type=OperatingPointType(), default=None,
+                        help=OPERATING_POINT_HELP)(f)
+
+
 def backend_options(f):
     """--backend and --fallback-cpu, passed on as `backend` and `fallback_cpu`."""
     f = click.option("--fallback-cpu", is_flag=True, help="Run on the CPU when the backend is not available here.")(f)
@@ -40,10 +64,10 @@ def backend_options(f):
                         show_default=True, help="Where the engines run.")(f)
 
 
-def load_bundle(bundle: Path, backend: str = "cpu", fallback_cpu: bool = False):
+def load_bundle(bundle: Path, backend: str = "cpu", fallback_cpu: bool = False, operating_point=None):
     from ..runtime.model import GuardedModel
 
-    model = GuardedModel.load(bundle, backend=backend, fallback_to_cpu=fallback_cpu)
+    model = GuardedModel.load(bundle, backend=backend, fallback_to_cpu=fallback_cpu, operating_point=operating_point)
     if model.backend != backend:
         click.echo(f"note: {backend} is not available here; running on the cpu (--fallback-cpu)", err=True)
     return model
@@ -54,7 +78,32 @@ def decision(model, result) -> str:
     if result.risk is None:
         return "unguarded"
     verdict = "REFUSAL HEAD" if result.fired else "pass"
-    return f"risk {result.risk:.3f} (tau {model.tau:.3f}) -> {verdict}"
+    tau = model.tau if result.tau is None else result.tau
+    point = f", {result.operating_point}" if result.operating_point else ""
+    return f"risk {result.risk:.3f} (tau {tau:.3f}{point}) -> {verdict}"
+
+
+def describe_point(tau: float | None, name: str | None) -> str:
+    """'tau 0.412 (strict)', or 'tau 0.300' for an explicit one."""
+    return f"tau {tau:.3f}" + (f" ({name})" if name else "")
+
+
+def operating_point_table(points: dict, default: str | None, tau: float | None = None,
+                          name: str | None = None) -> list[str]:
+    """The operating points as lines: each one's tau, held-out FPR/TPR and fire rates on the shipped
+    evaluation sets (as calibration recorded them), the chosen one marked."""
+    pct = lambda v: f"{100 * v:5.1f}%" if isinstance(v, (int, float)) else "     -"  # noqa: E731
+    sets = list(dict.fromkeys(k for p in points.values() for k in (p.get("fire_rates") or {})))
+    lines = [f"  {'':2}{'name':<11} {'tau':>6} {'FPR':>6} {'TPR':>6}" + "".join(f" {s[:22]:>22}" for s in sets)]
+    for key, p in points.items():
+        mark = "->" if key == name else "  "
+        extra = " (default)" if key == default else ""
+        rates = p.get("fire_rates") or {}
+        lines.append(f"  {mark}{key:<11} {p['tau']:6.3f} {pct(p.get('fpr'))} {pct(p.get('tpr'))}"
+                     + "".join(f" {pct(rates.get(s)):>22}" for s in sets) + extra)
+    if name is None and tau is not None:
+        lines.append(f"  ->{'(explicit)':<11} {tau:6.3f}")
+    return lines
 
 
 def torch_threads() -> None:

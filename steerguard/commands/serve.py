@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import SteerguardError
-from .options import backend_options
+from .options import backend_options, describe_point, operating_point_option
 
 
 @click.command()
@@ -36,11 +36,14 @@ from .options import backend_options
 @click.option("--max-image-mb", type=float, default=8, show_default=True, help="Largest image, encoded.")
 @click.option("--log-requests", is_flag=True, help="Log every request (uvicorn's access log).")
 @backend_options
+@operating_point_option
 def serve(bundle, host, port, max_batch, max_queue, prefill_tokens, no_prefix_cache, max_len, api_key, model_name, image_root, max_body_mb,
-          max_image_mb, log_requests, backend, fallback_cpu):
+          max_image_mb, log_requests, backend, fallback_cpu, operating_point):
     """Serve BUNDLE through the OpenAI API: /v1/chat/completions (streaming too), /v1/completions,
     /v1/moderations (the guard's prober alone), /v1/models and /health. Each answer carries the guard's
-    risk and decision in a `guard` field; a refused request ends with finish_reason "content_filter"."""
+    risk and decision in a `guard` field; a refused request ends with finish_reason "content_filter".
+    --operating-point sets the guard's threshold; a request may ask for another with the extension field
+    `operating_point` (a name or a tau)."""
     from ..serve import serve as run_server
 
     if max_batch < 1 or max_queue < 0 or prefill_tokens < 1 or (max_len is not None and max_len < 2) or max_body_mb <= 0 \
@@ -51,7 +54,8 @@ def serve(bundle, host, port, max_batch, max_queue, prefill_tokens, no_prefix_ca
         raise SteerguardError("--api-key is empty")
 
     def ready(model, batcher, config):
-        guard = (f"guarded at layer {model.split_layer}, tau {model.tau:.3f}" if model.guarded else "unguarded")
+        guard = (f"guarded at layer {model.split_layer}, {describe_point(model.tau, model.operating_point)}"
+                 if model.guarded else "unguarded")
         auth = "API key required" if config.api_key else "no API key"
         click.echo(f"serving {config.model_name} ({guard}) on http://{host}:{port}/v1 — {max_batch} rows of "
                    f"{batcher.max_len} tokens, queue {max_queue}, {auth}; Ctrl-C stops", err=True)
@@ -61,4 +65,4 @@ def serve(bundle, host, port, max_batch, max_queue, prefill_tokens, no_prefix_ca
                prefill_tokens=prefill_tokens, prefix_cache=not no_prefix_cache,
                api_key=api_key, model_name=model_name, image_root=image_root, max_body_mb=max_body_mb,
                max_image_mb=max_image_mb, backend=backend, threads=threads, fallback_to_cpu=fallback_cpu,
-               log_requests=log_requests, on_ready=ready)
+               log_requests=log_requests, on_ready=ready, operating_point=operating_point)

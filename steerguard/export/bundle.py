@@ -124,6 +124,12 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         (tmp / "report").mkdir()
         guard.sas.save(tmp / "report")
         guard.sas.plot(tmp / "report" / "sas.png", guard.split_layer)
+        roc = guard.prober.roc or {}
+        if roc.get("fpr"):    # the held-out ROC calibration recorded, its operating points marked
+            from .operating import plot_roc
+
+            plot_roc(roc["fpr"], roc["tpr"], guard.prober.operating_points, tmp / "report" / "roc.png",
+                     f"prober ROC, {roc.get('rows', '?')} held-out rows", roc.get("auroc"))
 
     manifest = {
         "format": "steerguard-bundle", "schema": SCHEMA, "steerguard_version": __version__, "precision": precision,
@@ -137,7 +143,10 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
             "feature": guard.prober.feature, "span": guard.prober.span, "prober_precision": prober_precision,
             "prober_hidden": int(guard.prober.w1.shape[1]), "prober_metrics": guard.prober.metrics,
             "sas": {"layers": guard.sas.layers, "scores": guard.sas.scores, "num_pairs": guard.sas.num_pairs},
-            "calibration": guard.calibration, "metrics": guard.metrics},
+            "calibration": guard.calibration, "metrics": guard.metrics,
+            # named thresholds (tau = balanced's); the runtime and the C library let users pick one
+            "operating_points": guard.prober.operating_points, "default_operating_point": "balanced",
+            "roc": guard.prober.roc},
         "engines": engines,
         "vision": vision,
         "cache": {"inputs": list(past_names("{i}")), "outputs": list(present_names("{i}")),

@@ -162,19 +162,24 @@ def evaluate(runner: TorchRunner | BundleRunner, tau: float, sets: Sequence[Prom
 
 
 def write_report(results: Sequence[SetResult], model_name: str, split_layer: int, tau: float, out: Path,
-                 meta: dict) -> dict:
-    """eval.json (every prompt), summary table, report.md with risk histograms and the ROC curve."""
+                 meta: dict, points: dict | None = None) -> dict:
+    """eval.json (every prompt), summary table, report.md with risk histograms and the ROC curve; with
+    `points` (name -> {"tau", held-out "fpr"/"tpr"}) each operating point read on this run, marked on the ROC."""
+    from .operating import points_on_run
+
     out.mkdir(parents=True, exist_ok=True)
+    run_points = points_on_run(results, points) if points else {}
     risk = np.concatenate([r.risk for r in results])
     labels = np.concatenate([np.full(len(r.risk), r.label) for r in results])
     sets = sorted((r.summary() for r in results), key=_worst_first)
     summary = {"model": model_name, "split_layer": split_layer, "tau": tau, "prober_auroc": auroc(risk, labels),
-               "prober_tpr_at_1pct_fpr": tpr_at_fpr(risk, labels, 0.01), "sets": sets, **meta}
+               "prober_tpr_at_1pct_fpr": tpr_at_fpr(risk, labels, 0.01), "sets": sets,
+               "operating_points": run_points, **meta}
     rows = [{"source": r.source, "label": r.label, "prompt": p, "risk": float(k), "fired": bool(f),
              "unguarded": u, "guarded": g}
             for r in results for p, k, f, u, g in zip(r.prompts, r.risk, r.fired, r.unguarded, r.guarded)]
     (out / "eval.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    _plots(results, tau, out)
+    _plots(results, tau, out, run_points)
     (out / "report.md").write_text(markdown_report(summary))
     return summary
 
@@ -198,11 +203,18 @@ def markdown_report(summary: dict) -> str:
         lines.append(f"| {s['source']} | {s['kind']} | {s['n']} | {pct(s['fire_rate'])} | "
                      f"{pct(s.get('asr_unguarded'))} | {pct(s.get('asr_guarded'))} | "
                      f"{pct(s.get('refusals_open_with_refusal'))} | {pct(s['unguarded_refusal_rate'])} |")
+    if summary.get("operating_points"):
+        lines += ["", "Operating points on this run (held out: what calibration recorded for the same tau)", "",
+                  "| point | tau | false fires (benign) | catches (harmful) | held-out FPR | held-out TPR |",
+                  "|---|---|---|---|---|---|"]
+        for name, p in summary["operating_points"].items():
+            lines.append(f"| {name} | {p['tau']:.3f} | {pct(p['fpr'])} | {pct(p['tpr'])} | "
+                         f"{pct(p.get('held_out_fpr'))} | {pct(p.get('held_out_tpr'))} |")
     lines += ["", "![risk histograms](risk_hist.png) ![ROC](roc.png)", ""]
     return "\n".join(lines)
 
 
-def _plots(results: Sequence[SetResult], tau: float, out: Path) -> None:
+def _plots(results: Sequence[SetResult], tau: float, out: Path, points: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -224,15 +236,8 @@ def _plots(results: Sequence[SetResult], tau: float, out: Path) -> None:
 
     risk = np.nan_to_num(np.concatenate([r.risk for r in results]), nan=1.0)
     labels = np.concatenate([np.full(len(r.risk), r.label) for r in results])
-    fig, ax = plt.subplots(figsize=(3.6, 3.5), dpi=120)
-    if len(np.unique(labels)) == 2:
-        fpr, tpr, _ = roc_curve(labels, risk)
-        ax.plot(fpr, tpr)
-    ax.plot([0, 1], [0, 1], color="0.7", ls=":")
-    ax.set_xlabel("false fire rate")
-    ax.set_ylabel("fire rate on harmful")
-    ax.set_title("prober ROC")
-    fig.tight_layout()
-    fig.savefig(out / "roc.png")
-    plt.close(fig)
+    from .operating import plot_roc
+
+    fpr, tpr = roc_curve(labels, risk)[:2] if len(np.unique(labels)) == 2 else ([], [])
+    plot_roc(fpr, tpr, points or {}, out / "roc.png", "prober ROC (this run)", auroc(risk, labels))
 

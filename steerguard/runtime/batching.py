@@ -30,7 +30,8 @@ import numpy as np
 
 from ..errors import SteerguardError
 from .chat import TextStream
-from .model import DecodeStep, GenerationResult, GuardedModel, KVCache, PrefixKV, Prompt, Request, _held_back
+from .model import (DecodeStep, GenerationResult, GuardedModel, KVCache, OperatingPoint, PrefixKV, Prompt, Request,
+                    _held_back)
 from .sampling import Sampling, sample
 
 
@@ -44,10 +45,13 @@ class QueueFull(SteerguardError):
 
 @dataclass
 class Admitted:
-    """The request was prefilled: the guard's decision."""
+    """The request was prefilled: the guard's decision, at threshold `tau` (operating point `operating_point`,
+    None for an explicit tau)."""
     risk: float | None
     fired: bool
     prompt_tokens: int
+    tau: float | None = None
+    operating_point: str | None = None
 
 
 @dataclass
@@ -72,6 +76,8 @@ class Scored:
     risk: float
     fired: bool
     prompt_tokens: int
+    tau: float | None = None
+    operating_point: str | None = None
 
 
 Event = Union[Admitted, Piece, Finished, Failed, Scored]
@@ -87,6 +93,8 @@ class Ticket:
     listener: Listener
     steer: bool | None = None
     score_only: bool = False
+    tau: float | None = None                # the guard's threshold for this request
+    operating_point: str | None = None
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
@@ -181,19 +189,25 @@ class ContinuousBatcher:
         return prompt
 
     def submit(self, request: Request | Prompt, sampling: Sampling | None, listener: Listener,
-               steer: bool | None = None) -> Ticket:
-        """Queue a request for generation; its events go to `listener` (called on the worker thread)."""
+               steer: bool | None = None, operating_point: OperatingPoint = None) -> Ticket:
+        """Queue a request for generation; its events go to `listener` (called on the worker thread). The
+        guard judges it at `operating_point` (a name or a tau in [0, 1]; default the model's), whatever the
+        other rows of the batch use."""
         s = sampling or Sampling()
+        tau, name = self.model.resolve_operating_point(operating_point)
         prompt = self.prepare(request, s)
-        return self._enqueue(Ticket(next(self._ids), prompt, s, listener, steer))
+        return self._enqueue(Ticket(next(self._ids), prompt, s, listener, steer, tau=tau, operating_point=name))
 
-    def submit_score(self, request: Request | Prompt, listener: Listener) -> Ticket:
+    def submit_score(self, request: Request | Prompt, listener: Listener,
+                     operating_point: OperatingPoint = None) -> Ticket:
         """Queue a guard-only job (prefill up to the prober); `listener` gets one Scored or Failed."""
         if not self.model.guarded:
             raise SteerguardError("this bundle has no guard to score with")
+        tau, name = self.model.resolve_operating_point(operating_point)
         s = Sampling(max_new_tokens=1)
         prompt = self.prepare(request, s)
-        return self._enqueue(Ticket(next(self._ids), prompt, s, listener, score_only=True))
+        return self._enqueue(Ticket(next(self._ids), prompt, s, listener, score_only=True, tau=tau,
+                                    operating_point=name))
 
     def _enqueue(self, ticket: Ticket) -> Ticket:
         with self._cond:
@@ -214,7 +228,8 @@ class ContinuousBatcher:
 
     # ---- blocking helpers (library use and tests) ----------------------------------------------------
     def generate(self, request: Request | Prompt, sampling: Sampling | None = None,
-                 steer: bool | None = None, timeout: float | None = None) -> GenerationResult:
+                 steer: bool | None = None, timeout: float | None = None,
+                 operating_point: OperatingPoint = None) -> GenerationResult:
         """Submit and wait for the result."""
         done = threading.Event()
         box: list[Event] = []
@@ -224,7 +239,7 @@ class ContinuousBatcher:
                 box.append(ev)
                 done.set()
 
-        ticket = self.submit(request, sampling, listen, steer)
+        ticket = self.submit(request, sampling, listen, steer, operating_point)
         if not done.wait(timeout):
             ticket.cancel()
             raise SteerguardError("timed out")
@@ -232,7 +247,7 @@ class ContinuousBatcher:
             raise box[0].error
         return box[0].result
 
-    def score(self, request: Request | Prompt) -> Scored:
+    def score(self, request: Request | Prompt, operating_point: OperatingPoint = None) -> Scored:
         done = threading.Event()
         box: list[Event] = []
 
@@ -240,7 +255,7 @@ class ContinuousBatcher:
             box.append(ev)
             done.set()
 
-        self.submit_score(request, listen)
+        self.submit_score(request, listen, operating_point)
         done.wait()
         if isinstance(box[0], Failed):
             raise box[0].error
@@ -334,7 +349,7 @@ class ContinuousBatcher:
                 t.emit(Failed(outcome))
                 continue
             hidden, risk = outcome
-            fired = self.model.decide(risk) if t.steer is None else bool(t.steer)
+            fired = self.model.decide(risk, t.tau) if t.steer is None else bool(t.steer)
             if fired and self.model.refusal is None:
                 t.emit(Failed(SteerguardError("this bundle has no refusal head")))
                 continue
@@ -386,7 +401,7 @@ class ContinuousBatcher:
         for t, _, risk, f in admitted:
             self._rows.append(_Row(t, risk, f, np.random.default_rng(t.sampling.seed), time.perf_counter(),
                                    text=TextStream(m.tokenizer)))
-            t.emit(Admitted(risk, f, len(t.prompt.ids)))
+            t.emit(Admitted(risk, f, len(t.prompt.ids), t.tau, t.operating_point))
         self.peak_rows = max(self.peak_rows, len(self._rows))
         done = [first + i for i, row in enumerate(self._rows[first:])
                 if not self._accept(row, sample(logits[i], row.ticket.sampling, row.rng))]
@@ -396,7 +411,7 @@ class ContinuousBatcher:
     def _admit_score(self, t: Ticket) -> None:
         try:
             risk = self._score(t.prompt)
-            t.emit(Scored(risk, self.model.decide(risk), len(t.prompt.ids)))
+            t.emit(Scored(risk, self.model.decide(risk, t.tau), len(t.prompt.ids), t.tau, t.operating_point))
         except Exception as e:
             t.emit(Failed(e))
 
@@ -474,7 +489,8 @@ class ContinuousBatcher:
             finish_reason=reason, prompt_tokens=len(t.prompt.ids),
             timings={"queued_s": row.admitted - t.submitted, "first_token_s": row.first_token - t.submitted,
                      "decode_s": decode_s, "decode_steps": row.steps, "new_tokens": len(row.tokens),
-                     "decode_tok_s": row.steps / decode_s if decode_s > 0 and row.steps else None})))
+                     "decode_tok_s": row.steps / decode_s if decode_s > 0 and row.steps else None},
+            tau=t.tau, operating_point=t.operating_point)))
         return False
 
     def _drop_cancelled(self) -> None:

@@ -28,6 +28,47 @@ from .sampling import Sampling, sample
 from .vision import VisionEncoder
 
 Request = str | Sequence[Message] | Sequence[int]   # a prompt, chat messages, or chat-formatted token ids
+OperatingPoint = str | float | None                  # a named threshold of the bundle, an explicit tau, or the default
+DEFAULT_OPERATING_POINT = "balanced"
+# what the names calibration records mean (manifest guard.operating_points)
+OPERATING_POINT_MEANINGS = {"strict": "fires most (lowest tau)", "balanced": "the calibrated tau (default)",
+                            "permissive": "fires least (highest tau)"}
+
+
+def operating_points_of(guard: dict | None) -> dict[str, dict]:
+    """The bundle's named thresholds: name -> {"tau", and where calibration recorded them "fpr", "tpr",
+    "fire_rates"}, strictest first. A bundle exported before operating points has only "balanced", its tau."""
+    if not guard:
+        return {}
+    points = guard.get("operating_points") or {}
+    table = {name: dict(p) for name, p in points.items() if isinstance(p, dict) and _is_tau(p.get("tau"))}
+    if not table:
+        table = {DEFAULT_OPERATING_POINT: {"tau": float(guard["tau"])}}
+    return dict(sorted(table.items(), key=lambda kv: kv[1]["tau"]))
+
+
+def resolve_operating_point(points: dict[str, dict], point: str | float) -> tuple[float, str | None]:
+    """(tau, name) of `point` in a table from `operating_points_of`: a name, or an explicit tau in [0, 1]
+    (name None). Anything else: a one-line SteerguardError saying what is available."""
+    if isinstance(point, str):
+        if point in points:
+            return float(points[point]["tau"]), point
+        names = ", ".join(points)
+        if set(points) == {DEFAULT_OPERATING_POINT} and point in OPERATING_POINT_MEANINGS:
+            raise SteerguardError(f"this bundle's guard has no operating points (calibrated before them): only {names} (tau "
+                                  f"{points[DEFAULT_OPERATING_POINT]['tau']:.3f}) is available, or give a tau "
+                                  "between 0 and 1")
+        raise SteerguardError(f"unknown operating point {point!r}: this bundle has {names}, or give a tau "
+                              "between 0 and 1")
+    if isinstance(point, bool) or not isinstance(point, (int, float, np.floating, np.integer)):
+        raise SteerguardError(f"an operating point is a name or a tau between 0 and 1, not {point!r}")
+    if not (np.isfinite(point) and 0 <= point <= 1):
+        raise SteerguardError(f"tau must be between 0 and 1, got {point}")
+    return float(point), None
+
+
+def _is_tau(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
 
 
 @dataclass
@@ -51,6 +92,8 @@ class GenerationResult:
     finish_reason: str          # "stop" (end of turn), "stop_string", or "length"
     prompt_tokens: int
     timings: dict = field(default_factory=dict)
+    tau: float | None = None            # the threshold this request was judged at (None: unguarded)
+    operating_point: str | None = None  # its name ("strict", "balanced", ...), None for an explicit tau
 
 
 class KVCache:
@@ -141,7 +184,11 @@ class GuardedModel:
         refusal = manifest.engine("refusal")
         self.refusal = load(refusal[0]) if refusal else None
         guard = manifest.guard
-        self.tau = guard["tau"] if guard else None
+        self.operating_points = operating_points_of(guard)
+        self.default_operating_point = (guard or {}).get("default_operating_point") or DEFAULT_OPERATING_POINT
+        if self.default_operating_point not in self.operating_points:
+            self.default_operating_point = None     # an old bundle's "balanced" is its tau, whatever it says
+        self.set_operating_point(None)
         self.split_layer = guard["split_layer"] if guard else None
         # a `max` prober scores every token; the request's risk is the highest over the last user turn
         self.risk_per_token = bool(guard) and guard.get("feature") == "max"
@@ -161,12 +208,51 @@ class GuardedModel:
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "cpu", threads: int | None = None,
-             verify: bool = True, fallback_to_cpu: bool = False, memory: str | None = None) -> "GuardedModel":
+             verify: bool = True, fallback_to_cpu: bool = False, memory: str | None = None,
+             operating_point: OperatingPoint = None) -> "GuardedModel":
         """Load a bundle after checking its manifest and every file's sha256. A backend this machine
         cannot run is an error, unless `fallback_to_cpu` asks for the CPU instead. `memory` ("host" or
         "device", default STEERGUARD_MEMORY, else host on the CPU and device on GPUs) says where the KV
-        cache and activations live; "device" on the CPU runs the GPUs' code path with onnxruntime's CPU memory."""
-        return cls(Manifest.load(bundle, verify=verify), backend, threads, fallback_to_cpu, memory)
+        cache and activations live; "device" on the CPU runs the GPUs' code path with onnxruntime's CPU memory.
+        `operating_point` picks the guard's threshold: a name from `operating_points` ("strict",
+        "balanced", "permissive") or an explicit tau in [0, 1]; default the bundle's ("balanced")."""
+        manifest = Manifest.load(bundle, verify=verify)
+        model = cls(manifest, backend, threads, fallback_to_cpu, memory)
+        if operating_point is not None:
+            model.set_operating_point(operating_point)
+        return model
+
+    # ---- the guard's threshold ----------------------------------------------------------------------
+    @property
+    def tau(self) -> float | None:
+        """The threshold the guard fires at (risk >= tau, or a non-finite risk) unless a call asks for another."""
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float | None) -> None:
+        self._tau = None if value is None else float(value)
+        self.operating_point = None      # an explicit threshold; set_operating_point names one
+
+    def resolve_operating_point(self, point: OperatingPoint) -> tuple[float | None, str | None]:
+        """(tau, name) for `point`: None is this model's current choice, a string a name from
+        `operating_points`, a number an explicit tau in [0, 1]. Anything else: a one-line SteerguardError."""
+        if point is None:
+            return self.tau, self.operating_point
+        if not self.guarded:
+            raise SteerguardError("this bundle has no guard, so it has no operating point to choose")
+        return resolve_operating_point(self.operating_points, point)
+
+    def set_operating_point(self, point: OperatingPoint) -> None:
+        """Make `point` (a name or a tau in [0, 1]; None: the bundle's default) this model's threshold."""
+        if point is None:      # the bundle's own: guard.tau, named when it is the default point's
+            guard, default = self.manifest.guard, self.default_operating_point
+            self.tau = guard["tau"] if guard else None
+            self.operating_point = default if guard and default and \
+                float(self.operating_points[default]["tau"]) == self.tau else None
+            return
+        tau, name = self.resolve_operating_point(point)
+        self.tau = tau
+        self.operating_point = name
 
     def _kv_dtype(self) -> np.dtype:
         """The KV cache's element type, as the decoder engines declare their past inputs (one for all)."""
@@ -392,9 +478,11 @@ class GuardedModel:
         self._run_prefill_chain(x, attention, cache, slice(0, 1))
         return PrefixKV(self, ids, cache)
 
-    def decide(self, risk: float | None) -> bool:
-        """Fire when risk >= tau; a non-finite risk fires too (the guard fails closed)."""
-        return self.guarded and not (risk is not None and np.isfinite(risk) and risk < self.tau)
+    def decide(self, risk: float | None, tau: float | None = None) -> bool:
+        """Fire when risk >= tau (this model's, unless another is given); a non-finite risk fires too (the
+        guard fails closed)."""
+        tau = self.tau if tau is None else tau
+        return self.guarded and not (risk is not None and np.isfinite(risk) and risk < tau)
 
     def decode_one_token(self, tokens: np.ndarray, cache: KVCache, step: "DecodeStep") -> np.ndarray | Buffer:
         """Append `tokens` (B,) to every row; return the final hidden states (B, d): a numpy view in host
@@ -434,9 +522,11 @@ class GuardedModel:
         return tokens
 
     # ---- public API -----------------------------------------------------------------------------
-    def generate(self, request: Request, sampling: Sampling | None = None, **kw) -> GenerationResult:
-        """Answer one prompt (or chat) through the guard."""
-        return self.generate_batch([request], sampling, **kw)[0]
+    def generate(self, request: Request, sampling: Sampling | None = None, steer: bool | None = None,
+                 operating_point: OperatingPoint = None) -> GenerationResult:
+        """Answer one prompt (or chat) through the guard (at `operating_point`: a name or a tau in [0, 1];
+        default this model's)."""
+        return self.generate_batch([request], sampling, steer, operating_point)[0]
 
     def score(self, request: Request) -> float:
         """The guard's risk for a request: runs the chain only up to the prober."""
@@ -449,26 +539,40 @@ class GuardedModel:
         return self.prefill(prompt, cache, 0, self.decoders[:upto])[1]
 
     def generate_batch(self, requests: Sequence[Request], sampling: Sampling | None = None,
-                       steer: bool | None = None) -> list[GenerationResult]:
+                       steer: bool | None = None,
+                       operating_point: OperatingPoint | Sequence[OperatingPoint] = None) -> list[GenerationResult]:
         """Answer several requests together, each with its own guard decision (`steer` True or False
-        forces the refusal or the plain head for every request, for evaluation)."""
+        forces the refusal or the plain head for every request, for evaluation). `operating_point`: one
+        for every request, or a list with one per request (None: this model's)."""
+        points = self._points_per_request(operating_point, len(requests))
         if self.mrope is not None and len(requests) > 1 and any(not isinstance(r, str) for r in requests):
             # 3-D rotary tables differ per request with images, and the engines take one table per batch
-            return [self.generate_batch([r], sampling, steer)[0] for r in requests]
-        steps = self.decode_tokens(requests, sampling, steer)
+            return [self.generate_batch([r], sampling, steer, [p])[0] for r, p in zip(requests, points)]
+        steps = self.decode_tokens(requests, sampling, steer, points)
         while True:
             try:
                 next(steps)
             except StopIteration as done:
                 return done.value
 
+    def _points_per_request(self, point: OperatingPoint | Sequence[OperatingPoint], n: int
+                            ) -> list[tuple[float | None, str | None]]:
+        """(tau, name) for each of n requests, checked before anything runs."""
+        points = list(point) if isinstance(point, (list, tuple)) else [point] * n
+        if len(points) != n:
+            raise SteerguardError(f"{len(points)} operating points for {n} requests; give one, or one per request")
+        return [p if isinstance(p, tuple) else self.resolve_operating_point(p) for p in points]
+
     def decode_tokens(self, requests: Sequence[Request], sampling: Sampling | None = None,
-                      steer: bool | None = None) -> Generator[tuple[int, int], None, list[GenerationResult]]:
+                      steer: bool | None = None,
+                      operating_point: OperatingPoint | Sequence[OperatingPoint] = None
+                      ) -> Generator[tuple[int, int], None, list[GenerationResult]]:
         """Yield (row, token) as tokens are decoded; return the results."""
         s = sampling or Sampling()
         s.check()
         if not requests:
             raise SteerguardError("no prompts given")
+        points = self._points_per_request(operating_point, len(requests))
         encoded = [self.prepare(r) for r in requests]
         prompts = [p.ids for p in encoded]
         for ids in prompts:
@@ -487,7 +591,7 @@ class GuardedModel:
         for row, p in enumerate(encoded):
             last_hidden[row], risk = self.prefill(p, cache, row)
             risks.append(risk)
-        fired = np.array([self.decide(r) if steer is None else steer for r in risks])
+        fired = np.array([self.decide(r, tau) if steer is None else steer for r, (tau, _) in zip(risks, points)])
         if fired.any() and self.refusal is None:
             raise SteerguardError("this bundle has no refusal head")
         t_prefill = time.perf_counter()
@@ -541,12 +645,14 @@ class GuardedModel:
                 timings={"prefill_s": t_prefill - t0, "first_token_s": t_first - t0, "decode_s": decode_s,
                          "decode_steps": n_steps, "new_tokens": len(tokens[r]),
                          "per_token_ms": 1000 * decode_s / n_steps if n_steps else None,
-                         "decode_tok_s": n_steps / decode_s if decode_s > 0 and n_steps else None}))
+                         "decode_tok_s": n_steps / decode_s if decode_s > 0 and n_steps else None},
+                tau=points[r][0], operating_point=points[r][1]))
         return results
 
-    def stream(self, request: Request, sampling: Sampling | None = None) -> "Stream":
+    def stream(self, request: Request, sampling: Sampling | None = None,
+               operating_point: OperatingPoint = None) -> "Stream":
         """Iterate over the answer's text pieces as they are decoded; `.result` holds the result after."""
-        return Stream(self, request, sampling)
+        return Stream(self, request, sampling, operating_point)
 
 
 class PrefixKV:
@@ -714,14 +820,16 @@ class Stream:
     """Text pieces of one answer as they are decoded. A piece that might begin a stop string is held
     back until it is clear; `.result` holds the GenerationResult once the iteration ends."""
 
-    def __init__(self, model: GuardedModel, request: Request, sampling: Sampling | None):
+    def __init__(self, model: GuardedModel, request: Request, sampling: Sampling | None,
+                 operating_point: OperatingPoint = None):
         self.model, self.request, self.sampling = model, request, sampling or Sampling()
+        self.point = model.resolve_operating_point(operating_point)   # a bad one fails here, not mid-iteration
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         text, sent = TextStream(self.model.tokenizer), 0
         shown = ""
-        steps = self.model.decode_tokens([self.request], self.sampling)
+        steps = self.model.decode_tokens([self.request], self.sampling, None, [self.point])
         while True:
             try:
                 _, tok = next(steps)

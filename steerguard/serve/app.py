@@ -1,7 +1,9 @@
 """The OpenAI-compatible app: /v1/chat/completions, /v1/completions, /v1/moderations, /v1/models and
 /health over one GuardedModel and its ContinuousBatcher.
 
-Every answer carries the guard's decision in an extra `guard` field (risk, tau, fired, split_layer);
+Every answer carries the guard's decision in an extra `guard` field (risk, tau, operating_point, fired,
+split_layer): the server judges at its `--operating-point`, a request may ask for another (an extension
+field `operating_point`: a name or a tau in [0, 1]);
 when the guard fired the answer came from the refusal head and its finish_reason is "content_filter".
 Errors are OpenAI's shape with the right status; nothing a client sends produces a 500."""
 
@@ -64,7 +66,9 @@ class Service:
         m = self.model
         return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "steerguard",
                 "max_model_len": self.batcher.max_len,
-                "guard": {"tau": m.tau, "split_layer": m.split_layer} if m.guarded else None}
+                "guard": {"tau": m.tau, "operating_point": m.operating_point, "split_layer": m.split_layer,
+                          "operating_points": {k: p["tau"] for k, p in m.operating_points.items()}}
+                if m.guarded else None}
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self.model_card()]})
@@ -134,11 +138,20 @@ class Service:
                         top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop=req.stop_strings(),
                         ignore_eos=req.ignore_eos)
 
+    def _operating_point(self, value: str | float | None) -> str | float | None:
+        """The request's `operating_point`, checked: a bad one is a 400 naming the field."""
+        try:
+            self.model.resolve_operating_point(value)
+        except SteerguardError as e:
+            raise APIError(400, f"operating_point: {e}", param="operating_point", code="invalid_value") from None
+        return value
+
     async def _generate(self, request: Request, req: _Generation, prompt: Prompt, chat: bool) -> Response:
         sampling = self._sampling(req, prompt)
+        point = self._operating_point(req.operating_point)
         pipe = EventPipe(asyncio.get_running_loop())
         try:
-            ticket = self.batcher.submit(prompt, sampling, pipe)
+            ticket = self.batcher.submit(prompt, sampling, pipe, operating_point=point)
         except QueueFull as e:
             raise APIError(429, f"The server is busy: {e}", code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after_s)}) from None
@@ -166,6 +179,7 @@ class Service:
         if not self.model.guarded:
             raise APIError(400, "this bundle has no guard, so it has nothing to moderate with", param="model",
                            code="moderation_unavailable")
+        point = self._operating_point(req.operating_point)
         if isinstance(req.input, str) or isinstance(req.input[0], str):
             texts = [req.input] if isinstance(req.input, str) else req.input
             if any(not t.strip() for t in texts):
@@ -175,14 +189,14 @@ class Service:
             jobs = [lambda: self.model.prepare(self._multimodal_input(req.input))]
         scored = []
         for job in jobs:   # one prefill up to the prober each, queued like any request
-            scored.append(await self._score(request, await self._prepare(job, "input")))
+            scored.append(await self._score(request, await self._prepare(job, "input"), point))
         results = []
         for s in scored:
             risk = _finite(s.risk)
             results.append({"flagged": s.fired, "categories": {"harmful": s.fired},
                             "category_scores": {"harmful": risk if risk is not None else 1.0},
                             "category_applied_input_types": {"harmful": ["text"]},
-                            "guard": self.guard_info(s.risk, s.fired)})
+                            "guard": self.guard_info(s.risk, s.fired, s.tau, s.operating_point)})
         return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": self.config.model_name, "results": results})
 
     def _multimodal_input(self, parts: list) -> list[dict]:
@@ -196,10 +210,10 @@ class Service:
             content = "\n".join(p["text"] for p in content)
         return [{"role": "user", "content": content}]
 
-    async def _score(self, request: Request, prompt: Prompt) -> Scored:
+    async def _score(self, request: Request, prompt: Prompt, point: str | float | None = None) -> Scored:
         pipe = EventPipe(asyncio.get_running_loop())
         try:
-            ticket = self.batcher.submit_score(prompt, pipe)
+            ticket = self.batcher.submit_score(prompt, pipe, point)
         except QueueFull as e:
             raise APIError(429, f"The server is busy: {e}", code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after_s)}) from None
@@ -223,9 +237,11 @@ class Service:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                            f"'{self.config.model_name}'", param=param, code="model_not_found")
 
-    def guard_info(self, risk: float | None, fired: bool) -> dict:
-        m = self.model
-        return {"risk": _finite(risk), "tau": m.tau, "fired": bool(fired), "split_layer": m.split_layer}
+    def guard_info(self, risk: float | None, fired: bool, tau: float | None, operating_point: str | None) -> dict:
+        """The guard's decision as answers carry it: the threshold it was taken at and that threshold's name
+        (null for an explicit tau)."""
+        return {"risk": _finite(risk), "tau": tau, "operating_point": operating_point, "fired": bool(fired),
+                "split_layer": self.model.split_layer}
 
 
 class Answer:
@@ -252,7 +268,7 @@ class Answer:
                 "total_tokens": result.prompt_tokens + len(result.token_ids)}
 
     def complete(self, result: GenerationResult) -> dict:
-        guard = self.service.guard_info(result.risk, result.fired)
+        guard = self.service.guard_info(result.risk, result.fired, result.tau, result.operating_point)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
                       "logprobs": None, "finish_reason": self.finish_reason(result)}
@@ -275,15 +291,15 @@ class Answer:
         while True:
             event = await pipe.next()
             if isinstance(event, Admitted):
-                guard = self.service.guard_info(event.risk, event.fired)
+                guard = self.service.guard_info(event.risk, event.fired, event.tau, event.operating_point)
                 if self.chat:
                     yield sse(self._chunk(None, role=True, guard=guard, **usage_none))
             elif isinstance(event, Piece):
                 yield sse(self._chunk(event.text, **usage_none))
             elif isinstance(event, Finished):
                 r = event.result
-                yield sse(self._chunk(None, self.finish_reason(r), guard=self.service.guard_info(r.risk, r.fired),
-                                      **usage_none))
+                guard = self.service.guard_info(r.risk, r.fired, r.tau, r.operating_point)
+                yield sse(self._chunk(None, self.finish_reason(r), guard=guard, **usage_none))
                 if include_usage:
                     yield sse(self._envelope("chat.completion.chunk" if self.chat else "text_completion", [],
                                              usage=self.usage(r)))

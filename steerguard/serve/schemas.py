@@ -12,6 +12,16 @@ from .errors import APIError
 
 MAX_STOP_STRINGS = 4
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+# an extension: the guard's threshold for this request, a name of the bundle's operating points or a tau in [0, 1]
+# (the runtime checks the name and the range, and says what is available)
+OperatingPointField = Annotated[str, Field(max_length=64)] | Finite | None
+
+
+def _operating_point_type(v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, float))):
+        raise ValueError("must be the name of an operating point (strict, balanced, permissive) or a tau "
+                         "between 0 and 1")
+    return v
 
 
 class _Body(BaseModel):
@@ -58,6 +68,8 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False     # an extension (as vLLM's and llama.cpp's servers have): benchmarks ask for exact lengths
+    operating_point: OperatingPointField = None   # an extension: "strict", "balanced", "permissive" or a tau
+    _point_type = field_validator("operating_point", mode="before")(_operating_point_type)
     # accepted at their neutral values only
     presence_penalty: Annotated[Finite, Field(ge=0, le=0)] | None = None
     frequency_penalty: Annotated[Finite, Field(ge=0, le=0)] | None = None
@@ -129,6 +141,8 @@ class ModerationRequest(_Body):
     input: str | Annotated[list[str], Field(min_length=1, max_length=32)] \
         | Annotated[list[Part], Field(min_length=1, max_length=8)]
     model: str | None = None
+    operating_point: OperatingPointField = None
+    _point_type = field_validator("operating_point", mode="before")(_operating_point_type)
 
 
 def parse(schema: type[_Body], body: object) -> _Body:
