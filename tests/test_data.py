@@ -4,8 +4,8 @@ import pytest
 
 from conftest import SHARED, needs_shared, write_jsonl
 from steerguard.errors import SteerguardError
-from steerguard.export.data import (default_benign, default_pairs, load_pairs, load_prompts, load_vlsafe,
-                                    text_only_refusal)
+from steerguard.export.data import (data_path, default_benign, default_pairs, load_pairs, load_prompts, load_vlsafe,
+                                    public_sets, text_only_refusal)
 
 
 def test_shipped_defaults_load_without_shared_folder():
@@ -17,6 +17,44 @@ def test_shipped_defaults_load_without_shared_folder():
     from steerguard.runtime.judge import opens_with_refusal
     assert all(opens_with_refusal(p.refusal) for p in pairs if p.source != "vlsafe")
     assert len(default_benign()[0].prompts) == 2000
+
+
+def test_shipped_public_sets_carry_their_license_and_span_both_classes():
+    sets = {s.source: s for s in public_sets()}
+    harmful = [s for s in sets.values() if s.label == 1]
+    benign = [s for s in sets.values() if s.label == 0]
+    assert len(harmful) >= 6 and sum(len(s.prompts) for s in harmful) >= 2500
+    assert {"coconot_contrast", "coconot_pref", "cyberseceval_frr", "oasst", "nq_open"} <= {s.source for s in benign}
+    for f in data_path("public").glob("*/*.jsonl"):
+        assert any(x.name.lower().startswith("license") for x in f.parent.iterdir()), f"{f.parent} has no license file"
+    readme = data_path("public", "README.md").read_text()
+    assert all(f"{name}.jsonl" in readme for name in sets)
+    # NQ-open is lower case without question marks in its source: recased, or the probe learns "lower case = benign"
+    assert all(not q[0].islower() and q.endswith("?") for q in sets["nq_open"].prompts)
+
+
+def test_shipped_public_sets_share_no_prompt_with_each_other_or_the_evaluation_sets():
+    import re
+
+    def norm(t):
+        return " ".join(re.findall(r"[a-z0-9]+", t.lower()))
+
+    evaluation = {norm(json.loads(x)["prompt"]) for f in data_path("eval").glob("*.jsonl")
+                  for x in f.read_text().splitlines() if x.strip()}
+    seen = set()
+    for s in public_sets():
+        keys = [norm(p) for p in s.prompts]
+        assert len(set(keys)) == len(keys), s.source
+        assert not seen & set(keys) and not evaluation & set(keys), s.source
+        seen |= set(keys)
+
+
+def test_default_calibration_data_is_the_package_own():
+    from steerguard.export.calibrate import CalibrationData
+
+    data = CalibrationData.default()
+    counts = data.sources()
+    assert counts["benign:alpaca"] == 2000 and counts["harmful:ailuminate"] == 1100 and counts["benign:oasst"] == 250
 
 
 @needs_shared

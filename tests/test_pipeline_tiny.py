@@ -39,7 +39,12 @@ def test_calibration_writes_a_complete_guard(guard, tiny):
     assert guard.split_layer == guard.sas.best_layer == guard.prober.layer
     assert guard.model["architecture"] == tiny.model.config.model_type
     assert guard.refusal.transform.shape == (64, 64)
-    assert 0.2 <= guard.prober.tau <= 0.8
+    points = guard.prober.operating_points
+    assert guard.prober.tau == points["balanced"]["tau"]
+    assert points["strict"]["tau"] <= points["balanced"]["tau"] <= points["permissive"]["tau"]
+    assert {"harmful_heldout", "sounds_dangerous", "benign_conversational"} <= set(points["balanced"]["fire_rates"])
+    assert guard.prober.probe == "linear" and guard.prober.feature == "last"
+    assert 0 <= guard.prober.roc["auroc"] <= 1 and guard.prober.roc["fpr"][0] == 0
     losses = guard.refusal.metrics["loss_per_epoch"]
     assert losses[-1] < losses[0]
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from steerguard.errors import SteerguardError
-from steerguard.export.calibrate import calibrate_tau, source_balanced_weights
+from steerguard.export.calibrate import operating_points, roc_table, source_balanced_weights, tau_at_fpr
 from steerguard.export.prober import Prober, auroc
 
 
@@ -46,13 +46,32 @@ def test_prober_needs_both_classes():
         Prober.train(x, np.ones(len(x), int), layer=1)
 
 
-def test_tau_keeps_validation_false_fires_under_the_budget():
+def test_tau_keeps_every_benign_source_mean_false_fires_under_the_budget():
     rng = np.random.default_rng(0)
-    risk = np.concatenate([rng.uniform(0, 0.7, 100), rng.uniform(0.6, 1, 100)])
-    labels = np.array([0] * 100 + [1] * 100)
-    tau = calibrate_tau(risk, labels, max_fpr=0.02)
-    assert (risk[labels == 0] >= tau).mean() <= 0.02
-    assert 0.2 <= tau <= 0.8
+    risk = np.concatenate([rng.uniform(0, 0.7, 100), rng.uniform(0, 0.9, 20), rng.uniform(0.6, 1, 100)])
+    labels = np.array([0] * 120 + [1] * 100)
+    sources = np.array(["big"] * 100 + ["small"] * 20 + ["harm"] * 100)
+    tau = tau_at_fpr(risk, labels, sources, 0.02)
+    rates = [(risk[sources == s] >= tau).mean() for s in ("big", "small")]
+    assert np.mean(rates) <= 0.02
+    assert tau == min(t for t in np.unique(risk) if np.mean([(risk[sources == s] >= t).mean() for s in ("big", "small")]) <= 0.02)
+    # pooled, the small source's false fires would hide in the big one's rows
+    assert tau_at_fpr(risk, labels, np.where(labels == 0, "one", "harm"), 0.02) < tau
+
+
+def test_operating_points_order_and_report_what_they_give():
+    rng = np.random.default_rng(1)
+    risk = np.concatenate([rng.uniform(0, 0.8, 300), rng.uniform(0.4, 1, 300)])
+    labels = np.array([0] * 300 + [1] * 300)
+    sources = np.array(["b"] * 300 + ["h"] * 300)
+    points = operating_points(risk, labels, sources, {"strict": 0.1, "balanced": 0.02, "permissive": 0.0})
+    assert points["strict"]["tau"] <= points["balanced"]["tau"] <= points["permissive"]["tau"]
+    assert points["strict"]["tpr"] >= points["balanced"]["tpr"] >= points["permissive"]["tpr"]
+    for p in points.values():
+        assert p["fpr"] <= p["target_fpr"] and p["fire_rates"]["validation:b"] == p["fpr"]
+    assert points["permissive"]["fpr"] == 0
+    roc = roc_table(risk, labels)
+    assert roc["fpr"][0] == 0 and roc["tpr"][-1] == 1 and 0.8 < roc["auroc"] < 1 and roc["rows"] == 600
 
 
 def test_source_balanced_weights():
@@ -63,12 +82,35 @@ def test_source_balanced_weights():
     assert w[0] + w[1] == pytest.approx(w[2])      # source a as heavy as source b
 
 
-def test_default_tau_separates_best_on_validation():
-    risk = np.array([0.05, 0.1, 0.3, 0.35, 0.62, 0.7, 0.9, 0.95])
-    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    tau = calibrate_tau(risk, labels)
-    assert 0.35 < tau <= 0.62
-    assert (risk >= tau).tolist() == labels.astype(bool).tolist()
+def test_a_logistic_probe_is_stored_exactly_as_two_relu_units(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from steerguard.export.onnx_graph import dequantized_prober_w1
+
+    x, y = synthetic()
+    p = Prober.train_linear(x, y, layer=3, c=0.05)
+    assert p.probe == "linear" and p.w1.shape == (16, 2) and p.feature == "last"
+    x64 = x.astype(np.float64)
+    mu, sd = x64.mean(0), x64.std(0) + 1e-6
+    lr = LogisticRegression(C=0.05, max_iter=1000, tol=1e-5).fit((x - mu) / sd, y)
+    np.testing.assert_allclose(p.risk(x), lr.predict_proba((x64 - mu) / sd)[:, 1], atol=1e-5)
+    np.testing.assert_array_equal(dequantized_prober_w1(p.w1), p.w1)   # int8 in the engine: no loss
+    p.save(tmp_path)
+    assert Prober.load(tmp_path).probe == "linear"
+    assert Prober.train(x, y, layer=3).probe == "mlp"
+
+
+def test_a_token_feature_logistic_probe_reads_the_riskiest_token():
+    rng = np.random.default_rng(2)
+    prompts = [rng.normal(size=(int(rng.integers(3, 8)), 8)).astype(np.float32) for _ in range(120)]
+    y = np.array([i % 2 for i in range(120)])
+    for t, label in zip(prompts, y):
+        if label:
+            t[rng.integers(len(t)), 0] += 6.0       # one risky word somewhere in a harmful prompt
+    arr = np.empty(len(prompts), object)
+    arr[:] = prompts
+    p = Prober.train_linear(arr, y, layer=1, feature="max")
+    assert auroc(p.prompt_risk(arr), y) > 0.95
 
 
 def test_a_prober_confined_to_the_pair_subspace_ignores_style():

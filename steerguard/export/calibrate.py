@@ -11,10 +11,11 @@ import numpy as np
 
 from ..errors import SteerguardError
 from .augment import augment_pairs
-from .data import Pair, Prompt, PromptSet, default_benign, default_pairs
+from .data import Pair, Prompt, PromptSet, data_path, default_benign, default_pairs, load_prompts, public_sets
 from .guard import Guard
 from .hidden import template_suffix_len
-from .prober import DEFAULT_FEATURE, TOKEN_FEATURES, Prober, auroc, pair_subspace, source_erasure
+from .prober import (DEFAULT_ERASE_SOURCES, DEFAULT_FEATURE, DEFAULT_PROBE, TOKEN_FEATURES, Prober, auroc, pair_subspace,
+                     source_erasure, tpr_at_fpr)
 from .refusal import RefusalHead, closed_refusal
 from .sas import MIN_PAIRS, SASResult
 from .state_cache import cached_hidden_states
@@ -28,7 +29,9 @@ class CalibrationData:
 
     @classmethod
     def default(cls) -> "CalibrationData":
-        return cls(pairs=default_pairs(), extra=default_benign())
+        """What ships in the package: the contrast and VLSafe pairs, the Alpaca subset and the licensed public
+        prompt sets (data/public)."""
+        return cls(pairs=default_pairs(), extra=default_benign() + public_sets())
 
     def check(self) -> None:
         """Fail before any model is loaded when the data cannot make a guard."""
@@ -51,9 +54,14 @@ class CalibrationData:
 class CalibrationConfig:
     layer: int | None = None            # None: argmax SAS
     feature: str = DEFAULT_FEATURE      # prober input, see prober.FEATURES
+    probe: str = DEFAULT_PROBE          # "linear" (logistic) or "mlp", see prober.PROBES
+    c: float = 0.05                     # the logistic probe's inverse L2 strength (on standardised features)
     max_per_source: int = 400           # pairs / prompts drawn from each source (seeded)
     val_fraction: float = 0.2           # held back to calibrate tau and report metrics
-    max_fpr: float | None = None        # None: tau maximises Youden's J on validation; else caps the false-fire rate
+    # the named thresholds: each the lowest tau whose mean false-fire rate over the benign sources' validation
+    # rows stays at or under its rate; `balanced` is the default tau (max_fpr, when given, replaces its rate)
+    operating_fpr: tuple = (("strict", 0.05), ("balanced", 0.02), ("permissive", 0.005))
+    max_fpr: float | None = None
     styled_per_pair: int = 1            # style-augmented copies of each plain pair (see augment.py)
     refusal_targets: int = 300
     refusal_epochs: int = 8
@@ -61,9 +69,10 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 16
     pair_subspace: int | None = None    # k: the prober reads only the pairs' top-k difference directions
-    erase_sources: int = 4              # k: remove the top-k directions that tell same-class sources apart
+    erase_sources: int = DEFAULT_ERASE_SOURCES   # k: remove the top-k directions that tell same-class sources apart
     sas_pairs_per_source: int = 100     # training pairs per source that SAS runs through every layer
     cache_states: bool = True           # keep hidden states on disk (see state_cache) and reuse them
+    evaluation_fire_rates: bool = True  # record each operating point's fire rate on the shipped evaluation sets
 
 
 def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
@@ -100,6 +109,8 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     if cfg.feature == "post":
         prober.span = template_suffix_len(lm.tokenizer)
     del states, last     # the token states can be gigabytes; the refusal head does not need them
+    if cfg.evaluation_fire_rates:
+        add_evaluation_fire_rates(prober, lm, cfg, progress)
     timings["prober_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -173,21 +184,32 @@ class CalibrationTable:
 def fit_prober(feats, labels: np.ndarray, sources: np.ndarray, val: np.ndarray, layer: int,
                cfg: CalibrationConfig, pairs: tuple[np.ndarray, np.ndarray] | None = None,
                last: np.ndarray | None = None) -> Prober:
-    """Train on the prompts outside `val` (sources weighted equally), pick tau on `val`, record metrics.
-    `feats`: the prober's input per prompt (see HiddenStates.feature); `last`: their last-token states
+    """Train on the prompts outside `val` (sources weighted equally), set the operating points on `val`, record
+    metrics. `feats`: the prober's input per prompt (see HiddenStates.feature); `last`: their last-token states
     (default `feats`), from which the source-erasure map is computed; `pairs` (harmful, benign last-token
-    states of the training pairs) span the prober's subspace when `cfg.pair_subspace` asks for one. Both
-    maps act on any state of the layer, so a per-token prober uses them as they are."""
+    states of the training pairs) span the MLP's subspace when `cfg.pair_subspace` asks for one. Both maps act
+    on any state of the layer, so a per-token prober uses them as they are."""
     last = feats if last is None else last
     train = ~val
-    subspace = pair_subspace(*pairs, cfg.pair_subspace) if cfg.pair_subspace and pairs is not None else None
+    weights = source_balanced_weights(labels[train], sources[train])
     erase = (source_erasure(last[train], labels[train], sources[train], cfg.erase_sources)
              if cfg.erase_sources else None)
-    prober = Prober.train(feats[train], labels[train], layer, cfg.feature,
-                          weights=source_balanced_weights(labels[train], sources[train]), seed=cfg.seed,
-                          subspace=subspace, erase=erase)
+    if cfg.probe == "linear":
+        prober = Prober.train_linear(feats[train], labels[train], layer, cfg.feature, weights=weights, c=cfg.c,
+                                     erase=erase)
+    elif cfg.probe == "mlp":
+        subspace = pair_subspace(*pairs, cfg.pair_subspace) if cfg.pair_subspace and pairs is not None else None
+        prober = Prober.train(feats[train], labels[train], layer, cfg.feature, weights=weights, seed=cfg.seed,
+                              subspace=subspace, erase=erase)
+    else:
+        raise SteerguardError(f"unknown probe {cfg.probe!r}; choose linear or mlp")
     risk = prober.prompt_risk(feats[val])
-    prober.tau = calibrate_tau(risk, labels[val], cfg.max_fpr)
+    rates = dict(cfg.operating_fpr)
+    if cfg.max_fpr is not None:
+        rates["balanced"] = cfg.max_fpr
+    prober.operating_points = operating_points(risk, labels[val], sources[val], rates)
+    prober.tau = prober.operating_points["balanced"]["tau"]
+    prober.roc = roc_table(risk, labels[val])
     prober.metrics = prober_metrics(risk, labels[val], sources[val], prober.tau)
     return prober
 
@@ -225,21 +247,67 @@ def source_balanced_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarr
     return w
 
 
-def calibrate_tau(risk: np.ndarray, labels: np.ndarray, max_fpr: float | None = None) -> float:
-    """Threshold on held-back prompts: maximise Youden's J (fire rate on harmful minus fire rate on
-    benign), or, with `max_fpr`, the lowest threshold whose benign fire rate stays under it. Kept in
-    [0.2, 0.8] so a small validation set cannot push it to an extreme."""
-    risk = np.nan_to_num(risk, nan=1.0)
-    benign, harmful = risk[labels == 0], risk[labels == 1]
-    if len(benign) == 0 or len(harmful) == 0:
+def tau_at_fpr(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, fpr: float) -> float:
+    """The lowest threshold at which the benign sources' mean fire rate (`risk >= tau`) is at most `fpr`: a
+    large benign source cannot hide a small one's false fires. NaN risks count as firing."""
+    risk = np.nan_to_num(np.asarray(risk, np.float64), nan=np.inf)
+    benign = [np.sort(risk[(labels == 0) & (sources == s)]) for s in np.unique(sources[labels == 0])]
+    if not benign:
         return 0.5
-    candidates = np.unique(np.clip(risk, 0.2, 0.8))
-    fpr = np.array([(benign >= t).mean() for t in candidates])
-    tpr = np.array([(harmful >= t).mean() for t in candidates])
-    if max_fpr is not None:
-        ok = fpr <= max_fpr
-        return float(candidates[ok][0]) if ok.any() else 0.8
-    return float(candidates[np.argmax(tpr - fpr)])
+    candidates = np.unique(np.concatenate([risk[np.isfinite(risk)], [0.0, 1.0]]))
+    rates = np.mean([len(b) - np.searchsorted(b, candidates, "left") for b in benign] /
+                    np.array([len(b) for b in benign])[:, None], axis=0)
+    ok = np.nonzero(rates <= fpr)[0]
+    return float(candidates[ok[0]]) if len(ok) else float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+
+
+def operating_points(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, rates: dict[str, float]) -> dict:
+    """Named thresholds (see CalibrationConfig.operating_fpr) with what each gives on these held-back rows:
+    mean benign false-fire rate (`fpr`), harmful catch rate (`tpr`), fire rate per source."""
+    points = {}
+    for name, rate in rates.items():
+        tau = tau_at_fpr(risk, labels, sources, rate)
+        fired = ~(risk < tau)
+        points[name] = {"tau": tau, "target_fpr": rate,
+                        "fpr": float(np.mean([fired[(labels == 0) & (sources == s)].mean()
+                                              for s in np.unique(sources[labels == 0])])),
+                        "tpr": float(fired[labels == 1].mean()),
+                        "fire_rates": {"validation:" + str(s): float(fired[sources == s].mean()) for s in np.unique(sources)}}
+    return points
+
+
+def roc_table(risk: np.ndarray, labels: np.ndarray, points: int = 200) -> dict:
+    """The ROC of held-back rows, thinned to about `points` points, with its AUROC and TPR at 1% FPR."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, tau = roc_curve(labels, np.nan_to_num(np.asarray(risk, np.float64), nan=1.0), drop_intermediate=True)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
+    return {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist(),
+            "tau": np.clip(tau[keep], 0, 1).round(6).tolist(), "auroc": auroc(risk, labels),
+            "tpr_at_1pct_fpr": tpr_at_fpr(risk, labels, 0.01), "rows": int(len(labels))}
+
+
+def evaluation_sets() -> list[PromptSet]:
+    """The shipped evaluation sets (never calibrated on): the fire rate each operating point gives on them."""
+    return [load_prompts(data_path("eval", f"{name}.jsonl"), label, source=name)
+            for name, label in (("harmful_heldout", 1), ("sounds_dangerous", 0), ("benign_conversational", 0))]
+
+
+def add_evaluation_fire_rates(prober: Prober, lm, cfg: "CalibrationConfig", progress: bool) -> None:
+    """Score the shipped evaluation sets and record each operating point's fire rate on them."""
+    sets = evaluation_sets()
+    prompts = [p for s in sets for p in s.prompts]
+    tokens = prober.feature in TOKEN_FEATURES
+    states = cached_hidden_states(lm, prompts, cfg.batch_size, progress and "hidden states (evaluation sets)",
+                                  upto=prober.layer, tokens_at=prober.layer if tokens else None,
+                                  use_cache=cfg.cache_states)
+    risk = prober.prompt_risk(states.feature(prober.feature, prober.layer))
+    start = 0
+    for s in sets:
+        part = risk[start:start + len(s.prompts)]
+        start += len(s.prompts)
+        for point in prober.operating_points.values():
+            point["fire_rates"][s.source] = float((~(part < point["tau"])).mean())
 
 
 def prober_metrics(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, tau: float) -> dict:

@@ -271,3 +271,17 @@ def judged_refusal(text: str) -> str:
 def default_benign() -> list[PromptSet]:
     """Extra benign prompts shipped in the package: an Alpaca subset (CC BY-NC 4.0)."""
     return [load_prompts(data_path("alpaca", "alpaca_subset.jsonl"), 0, "instruction", source="alpaca")]
+
+
+def public_sets() -> list[PromptSet]:
+    """The licensed public prompt sets shipped in `data/public` (harmful requests of many hazards and
+    phrasings, benign requests that only sound dangerous, ordinary requests), one PromptSet per file, named
+    after it; provenance and licenses in `data/public/README.md`."""
+    sets = []
+    for f in sorted(data_path("public").glob("*/*.jsonl")):
+        rows = [row for _, row in read_rows(f)]
+        labels = {row.get("label") for row in rows}
+        if len(labels) != 1 or labels - {0, 1}:
+            raise SteerguardError(f"{f}: expected one label, 0 or 1, for every row; found {sorted(map(str, labels))}")
+        sets.append(PromptSet(f.stem, labels.pop(), [field_text(row, "prompt", f, n) for n, row in enumerate(rows, 1)]))
+    return sets

@@ -1,13 +1,15 @@
-"""The safety prober: a d -> 64 -> 2 MLP on split-point states, risk = p(harmful).
+"""The safety prober on split-point states, risk = p(harmful): a logistic probe (the default) or a
+d -> 64 -> 2 MLP (the paper's).
 
-It reads either the last prompt token's state (`last`, the paper's prober) or every token of the user's
-turn (`max`): the MLP scores each token and the prompt's risk is the highest token risk. `max` is
-trained as a multiple-instance classifier: a harmful prompt needs one risky token, a benign prompt none.
-Harm carried by a few words (a slur in an image caption, a request buried in a jailbreak wrapper) then
-does not have to survive into the last token's state.
+It reads the last prompt token's state (`last`, the paper's reading and the default), the mean of the
+post-instruction tokens (`post`), or every token of the user's turn (`max`): the probe scores each token and the
+prompt's risk is the highest token risk, trained as a multiple-instance classifier (a harmful prompt needs one
+risky token, a benign prompt none).
 
-Training needs torch; `risk` is plain numpy (the runtime computes the same thing inside the `pre`
-engine). Input standardisation is folded into the first layer on export."""
+Both probes have one exported form, `relu(x @ w1 + b1) @ w2 + b2`: a logistic probe `z = x.w + b` is stored
+exactly as two ReLU units, `relu(z) - relu(-z) = z`, so the `pre` engine, the runtime and the C library run
+either without knowing which it is. Training needs torch (MLP) or scikit-learn (logistic); `risk` is plain
+numpy. Input standardisation is folded into the first layer on export."""
 
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from ..errors import SteerguardError
 FEATURES = ("last", "mean", "max", "post")
 TOKEN_FEATURES = ("max",)                 # features read from every token of the user's turn
 ENGINE_FEATURES = ("last", "max", "post")  # what the `pre` engine can compute
-DEFAULT_FEATURE = "max"
+DEFAULT_FEATURE = "last"
+PROBES = ("linear", "mlp")
+DEFAULT_PROBE = "linear"
+DEFAULT_ERASE_SOURCES = 4   # style directions removed before the probe reads (see source_erasure)
 
 
 @dataclass
@@ -143,6 +148,45 @@ class Prober:
         return cls(layer=layer, feature=feature,
                    w1=(proj @ scaled).astype(np.float32), b1=(b1 - (centre @ proj) @ scaled).astype(np.float32),
                    w2=lin2.weight.detach().numpy().T.copy(), b2=lin2.bias.detach().numpy().copy())
+
+    @classmethod
+    def train_linear(cls, x, y: np.ndarray, layer: int, feature: str = "last",
+                     weights: np.ndarray | None = None, c: float = 0.05,
+                     erase: np.ndarray | None = None) -> "Prober":
+        """L2-regularised logistic regression (inverse strength `c`) on standardised feature rows `x` (n, d),
+        (weighted) cross-entropy; deterministic. With `erase` (a d x d map, see `source_erasure`) it reads the
+        features after that map. A token feature trains on every token of every prompt with the prompt's label
+        (a harmful prompt's words are not all harmful, but its riskiest token is what `prompt_risk` reads)."""
+        from sklearn.linear_model import LogisticRegression
+
+        if feature not in FEATURES:
+            raise SteerguardError(f"unknown prober feature {feature!r}; choose one of {', '.join(FEATURES)}")
+        if len(np.unique(y)) < 2:
+            raise SteerguardError("the prober needs both harmful and benign examples")
+        w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+        if feature in TOKEN_FEATURES:
+            lengths = np.array([len(t) for t in x])
+            x, y, w = np.concatenate(list(x)), np.repeat(y, lengths), np.repeat(w / lengths, lengths)
+        x = np.asarray(x, np.float64)
+        proj = np.eye(x.shape[1]) if erase is None else np.asarray(erase, np.float64)
+        z = x @ proj
+        centre, sd = z.mean(0), z.std(0) + 1e-6
+        lr = LogisticRegression(C=c, max_iter=1000, tol=1e-5).fit((z - centre) / sd, y, sample_weight=w * len(w) / w.sum())
+        # z = ((x P - c) / sd) . a + b0  =  x . (P (a / sd)) + (b0 - c . (a / sd))
+        a = lr.coef_[0] / sd
+        direction, bias = proj @ a, float(lr.intercept_[0] - centre @ a)
+        return cls(layer=layer, feature=feature,
+                   w1=np.stack([direction, -direction], 1).astype(np.float32),
+                   b1=np.array([bias, -bias], np.float32),
+                   w2=np.array([[0.0, 1.0], [0.0, -1.0]], np.float32), b2=np.zeros(2, np.float32))
+
+    @property
+    def probe(self) -> str:
+        """`linear` when the first layer is the two-unit form of a logistic probe, else `mlp`."""
+        w1, b1, w2 = self.w1, self.b1, self.w2
+        linear = (w1.shape[1] == 2 and np.array_equal(w1[:, 1], -w1[:, 0]) and b1[1] == -b1[0]
+                  and np.array_equal(w2, np.array([[0, 1], [0, -1]], w2.dtype)) and not self.b2.any())
+        return "linear" if linear else "mlp"
 
     def save(self, folder: Path) -> None:
         np.savez(folder / "prober.npz", w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2)
