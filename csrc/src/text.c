@@ -104,11 +104,8 @@ void sg_tokens_free(sg_tokens *t) {
 sg_status sg_detokenize(const sg_model *m, const int32_t *ids, size_t count, char **out, size_t *length) {
     sg_clear_error();
     if (!m || !out || (!ids && count)) return sg_fail(SG_ERR_INVALID_ARGUMENT, "sg_detokenize: NULL model, ids or out");
-    sg_buf bytes = {0}, text = {0};
-    int rc = sg_tokenizer_decode_bytes(m->tokenizer, ids, count, &bytes) ||
-             sg_utf8_append_lossy(&text, bytes.data ? bytes.data : "", bytes.len);
-    sg_buf_free(&bytes);
-    if (rc) {
+    sg_buf text = {0};
+    if (sg_tokenizer_decode(m->tokenizer, ids, count, &text)) {
         sg_buf_free(&text);
         return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
     }

