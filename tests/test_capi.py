@@ -217,6 +217,74 @@ def test_both_heads_equal_python_with_tau_moved_to_fire_all_or_none(tiny_bpe, na
                 assert (got.token_ids, got.text) == (want.token_ids, want.text)
 
 
+def with_points(bundle: Path, folder: Path, points: dict | None) -> Path:
+    """A copy of `bundle` whose guard carries `points` (name -> tau; guard.tau = balanced's), or none (None:
+    a bundle exported before operating points)."""
+    shutil.copytree(bundle, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    g = manifest["guard"]
+    for key in ("operating_points", "default_operating_point", "roc"):
+        g.pop(key, None)
+    if points is not None:
+        g["operating_points"] = {k: {"tau": t, "fpr": 0.0, "tpr": 1.0, "fire_rates": {}} for k, t in points.items()}
+        g["default_operating_point"], g["tau"] = "balanced", points["balanced"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_decisions_equal_the_python_runtime_at_each_operating_point(tiny_bpe, native, tmp_path):
+    """The C library and the Python runtime take the same decision, answer and tau at two named operating
+    points (placed between the requests' risks, so the decisions differ) and at an explicit tau; a bundle
+    without points has balanced only; bad choices are refused alike."""
+    bundle = tiny_bpe.bundles["int4"]
+    requests = [user(p) for p in PROMPTS] + CHATS[2:]
+    risks = [GuardedModel.load(bundle, threads=2).score(r) for r in requests]
+    r = sorted(risks)
+    points = {"strict": (r[2] + r[3]) / 2, "balanced": (r[5] + r[6]) / 2, "permissive": (r[8] + r[9]) / 2}
+    copy = with_points(bundle, tmp_path / "points", points)
+    gm = GuardedModel.load(copy, threads=2)
+    s = Sampling(max_new_tokens=8)
+    with native.model(copy, threads=2) as m:
+        assert m.operating_points == {k: np.float32(t) for k, t in points.items()}
+        assert (m.info()["operating_point"], m.info()["tau"]) == ("balanced", np.float32(points["balanced"]))
+        decisions = {}
+        for name in ("strict", "permissive", 0.25):
+            m.set_operating_point(name)
+            info = m.info()
+            assert info["operating_point"] == (name if isinstance(name, str) else None)
+            decisions[name] = []
+            for request, risk in zip(requests, risks):
+                want = gm.generate(request, s, operating_point=name)
+                got = m.generate(request, max_new_tokens=8)
+                assert (got.fired, got.token_ids, got.text) == (want.fired, want.token_ids, want.text)
+                assert got.fired == (not risk < want.tau) and got.tau == np.float32(want.tau)
+                assert m.score(request)[1] == want.fired
+                decisions[name].append(got.fired)
+        assert sum(decisions["strict"]) > sum(decisions[0.25]) or sum(decisions["strict"]) > sum(decisions["permissive"])
+        assert decisions["strict"] != decisions["permissive"]
+        for bad in ("loose", 1.5, float("nan"), -0.5):
+            with pytest.raises(NativeError) as e:
+                m.set_operating_point(bad)
+            with pytest.raises(Exception) as py:
+                gm.resolve_operating_point(bad)
+            assert e.value.status == "SG_ERR_INVALID_ARGUMENT"
+            assert str(e.value).split(",")[0].split(" got")[0] == str(py.value).split(",")[0].split(" got")[0]
+        assert m.info()["tau"] == np.float32(0.25)     # a refused choice changes nothing
+    old = with_points(bundle, tmp_path / "old", None)
+    with native.model(old, threads=2) as m:
+        assert list(m.operating_points) == ["balanced"] and m.info()["operating_point"] == "balanced"
+        with pytest.raises(NativeError) as e:
+            m.set_operating_point("strict")
+        with pytest.raises(Exception) as py:
+            GuardedModel.load(old, threads=2, operating_point="strict")
+        assert str(e.value) == str(py.value)
+    with native.model(tiny_bpe.bundles["plain"], threads=2) as m:
+        assert m.info()["operating_point"] is None and np.isnan(m.info()["tau"])
+        with pytest.raises(NativeError) as e:
+            m.set_operating_point(0.5)
+        assert e.value.status == "SG_ERR_NO_GUARD"
+
+
 def test_stop_strings_seeds_and_streaming(tiny_bpe, native):
     bundle = tiny_bpe.bundles["fp32"]
     gm = GuardedModel.load(bundle, threads=2)

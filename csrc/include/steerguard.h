@@ -14,8 +14,10 @@
  *  - Strings are UTF-8, passed as (pointer, length) where a length is taken; text that is not valid
  *    UTF-8 is refused with SG_ERR_INVALID_ARGUMENT.
  *  - Memory the library returns (`sg_tokens`, `sg_result`) is released with the matching free call.
- *  - Thread safety: a loaded `sg_model` is immutable; any number of threads may call `sg_generate`,
- *    `sg_score`, `sg_tokenize` and `sg_detokenize` on it at once. Each call keeps its own state.
+ *  - Thread safety: a loaded `sg_model` is immutable but for the guard's threshold; any number of threads
+ *    may call `sg_generate`, `sg_score`, `sg_tokenize` and `sg_detokenize` on it at once. Each call keeps
+ *    its own state. The threshold (`sg_model_set_operating_point`, `sg_model_set_tau`) may be changed from
+ *    any thread at any time: a call already running keeps the threshold it started with.
  *
  * A minimal program:
  *
@@ -95,10 +97,33 @@ typedef struct {
     int32_t context;     /* the most tokens a prompt and its answer may take together */
     int32_t guarded;     /* 1 if the bundle has a prober and a refusal head */
     int32_t split_layer; /* the prober's layer; -1 when unguarded */
-    float tau;           /* the prober's threshold; the guard fires when risk >= tau */
+    float tau;           /* the current threshold: the guard fires when risk >= tau (NaN when unguarded) */
+    const char *operating_point; /* the current threshold's name ("balanced", ...); NULL for an explicit tau
+                                    or an unguarded bundle. Valid while the model is loaded */
+    int32_t n_operating_points;  /* the bundle's named thresholds (see sg_model_operating_point_get) */
 } sg_model_info;
 
 SG_API sg_status sg_model_info_get(const sg_model *model, sg_model_info *out);
+
+/* ---- operating points: the guard's threshold ----------------------------------------------------
+ *
+ * Calibration records named thresholds in the bundle: "strict" (fires most: the lowest tau),
+ * "balanced" (the default: the calibrated tau) and "permissive" (fires least), each with its held-out
+ * false and true fire rates (`steerguard inspect BUNDLE` prints them). A model starts at the bundle's
+ * tau (balanced's). A bundle exported before operating points has only "balanced". The guard decides
+ * exactly as the Python runtime does at the same threshold. */
+
+/* Judge the requests of later calls at the named threshold. SG_ERR_INVALID_ARGUMENT (the message lists
+ * the names this bundle has) for a NULL or unknown name; SG_ERR_NO_GUARD on an unguarded bundle. */
+SG_API sg_status sg_model_set_operating_point(sg_model *model, const char *name);
+
+/* Judge the requests of later calls at an explicit threshold `tau` in [0, 1] (0 fires on every request;
+ * a NaN or a tau outside [0, 1] is SG_ERR_INVALID_ARGUMENT; SG_ERR_NO_GUARD on an unguarded bundle). */
+SG_API sg_status sg_model_set_tau(sg_model *model, float tau);
+
+/* The bundle's named threshold number `index` (0 .. n_operating_points - 1, lowest tau first): its name
+ * (valid while the model is loaded) and tau. SG_ERR_INVALID_ARGUMENT for an index out of range. */
+SG_API sg_status sg_model_operating_point_get(const sg_model *model, int32_t index, const char **name, float *tau);
 
 /* ---- text and tokens -------------------------------------------------------------------------- */
 
@@ -161,6 +186,7 @@ typedef struct {
     double prefill_seconds; /* prompt read and judged */
     double first_token_seconds;
     double decode_seconds; /* from the first token to the last */
+    float tau;             /* the threshold the request was judged at (NaN when unguarded) */
 } sg_result;
 
 /* Called once per generated token with the token and the text it completes (possibly empty while a
@@ -168,8 +194,9 @@ typedef struct {
  * SG_ERR_CANCELLED and fills nothing. */
 typedef int (*sg_token_callback)(int32_t token, const char *piece, size_t piece_length, void *user_data);
 
-/* Answer a chat through the guard: prefill (the prober judges the request: fired = risk >= tau, or a
- * non-finite risk: the guard fails closed), then decode through the plain or the refusal head.
+/* Answer a chat through the guard: prefill (the prober judges the request at the model's current
+ * threshold: fired = risk >= tau, or a non-finite risk: the guard fails closed), then decode through the
+ * plain or the refusal head.
  * NULL sampling = sg_sampling_default(). `callback` may be NULL. On SG_OK release `*out` with
  * sg_result_free. */
 SG_API sg_status sg_generate(sg_model *model, const sg_message *messages, size_t n_messages,
@@ -181,7 +208,7 @@ SG_API sg_status sg_generate_ids(sg_model *model, const int32_t *ids, size_t cou
 
 SG_API void sg_result_free(sg_result *result);
 
-/* The guard's judgement alone: runs the engines only up to the prober. */
+/* The guard's judgement alone, at the model's current threshold: runs the engines only up to the prober. */
 SG_API sg_status sg_score(sg_model *model, const sg_message *messages, size_t n_messages, float *risk, int32_t *fired);
 
 #ifdef __cplusplus

@@ -114,6 +114,42 @@ static sg_status check_files(const sg_bundle *b, const cJSON *root, int verify, 
     return SG_OK;
 }
 
+static int by_tau(const void *a, const void *b) {
+    double x = ((const sg_operating_point *)a)->tau, y = ((const sg_operating_point *)b)->tau;
+    return (x > y) - (x < y);
+}
+
+/* guard.operating_points: name -> {"tau", ...}, kept where tau is a finite number, lowest tau first (as
+ * runtime/model.py: operating_points_of); none recorded (an older bundle): "balanced" = guard.tau. */
+static sg_status read_operating_points(sg_bundle *b, const cJSON *guard) {
+    const cJSON *points = cJSON_GetObjectItemCaseSensitive(guard, "operating_points");
+    int n = cJSON_IsObject(points) ? cJSON_GetArraySize(points) : 0;
+    b->points = calloc(n > 0 ? (size_t)n : 1, sizeof *b->points);
+    if (!b->points) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    const cJSON *p;
+    if (n) cJSON_ArrayForEach(p, points) {
+        const cJSON *tau = cJSON_GetObjectItemCaseSensitive(p, "tau");
+        if (!p->string || !cJSON_IsNumber(tau) || !isfinite(tau->valuedouble)) continue;
+        sg_operating_point *o = &b->points[b->n_points];
+        if (!(o->name = strdup(p->string))) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+        o->tau = tau->valuedouble;
+        b->n_points++;
+    }
+    b->points_recorded = b->n_points > 0;
+    if (!b->n_points) {
+        if (!(b->points[0].name = strdup("balanced"))) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+        b->points[0].tau = b->tau;
+        b->n_points = 1;
+    }
+    qsort(b->points, b->n_points, sizeof *b->points, by_tau);
+    const cJSON *def = cJSON_GetObjectItemCaseSensitive(guard, "default_operating_point");
+    const char *name = cJSON_IsString(def) && *def->valuestring ? def->valuestring : "balanced";
+    b->default_point = -1;
+    for (size_t i = 0; i < b->n_points; i++)
+        if (!strcmp(b->points[i].name, name)) b->default_point = (int32_t)i;
+    return SG_OK;
+}
+
 static sg_status read_chat(sg_bundle *b, const cJSON *pieces) {
     if (!cJSON_IsObject(pieces)) return SG_OK; /* older bundles, or a template that is not plain pieces */
     const cJSON *open = cJSON_GetObjectItemCaseSensitive(pieces, "open");
@@ -220,8 +256,9 @@ static sg_status parse(sg_bundle *b, const cJSON *root, int verify, const char *
         if (!cJSON_IsNumber(tau) || get_int(guard, "split_layer", &b->split_layer))
             return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: the guard entry lacks tau or split_layer", manifest_path);
         b->guarded = 1;
-        b->tau = (float)tau->valuedouble;
+        b->tau = tau->valuedouble;
         b->risk_per_token = cJSON_IsString(feature) && !strcmp(feature->valuestring, "max");
+        if ((st = read_operating_points(b, guard)) != SG_OK) return st;
     }
     const cJSON *stops =
         cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "generation"), "stop_token_ids");
@@ -265,6 +302,8 @@ void sg_bundle_free(sg_bundle *b) {
         free(b->engines[i].path);
     }
     free(b->engines);
+    for (size_t i = 0; i < b->n_points; i++) free(b->points[i].name);
+    free(b->points);
     free(b->stop_ids);
     free(b->tokenizer_path);
     free(b->root);

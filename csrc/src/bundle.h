@@ -21,10 +21,19 @@ typedef struct {
 } sg_chat_pieces;
 
 typedef struct {
+    char *name; /* "strict", "balanced", "permissive", ... */
+    double tau; /* as the manifest's JSON holds it: the Python runtime compares risks with the same double */
+} sg_operating_point;
+
+typedef struct {
     char *root, *name, *precision;
     int32_t num_layers, hidden_size, vocab_size, kv_heads, head_dim, context;
     int32_t guarded, split_layer, risk_per_token;
-    float tau;
+    double tau;                 /* guard.tau: the threshold the model starts at */
+    sg_operating_point *points; /* the guard's named thresholds, lowest tau first; an older bundle's: balanced = tau */
+    size_t n_points;
+    int32_t default_point; /* index of guard.default_operating_point in points, or -1 */
+    int32_t points_recorded; /* 0 when points holds only the balanced entry made from tau (an older bundle) */
     sg_engine_spec *engines;
     size_t n_engines;
     int32_t *stop_ids;

@@ -8,6 +8,8 @@
 #include "model.h"
 #include "sampling.h"
 
+static void start_threshold(sg_model *m);
+
 void sg_model_free(sg_model *m) {
     if (!m) return;
     for (size_t i = 0; i < m->n_engines; i++) {
@@ -65,20 +67,118 @@ sg_status sg_model_load(const char *bundle_dir, const sg_load_options *options, 
         sg_model_free(m);
         return st;
     }
+    start_threshold(m);
     *out = m;
+    return SG_OK;
+}
+
+/* ---- the guard's threshold ---------------------------------------------------------------------- */
+
+#define GUARD_TAU 0xFFFFFFFFu /* the threshold word's "which" for the bundle's own guard.tau */
+
+static void set_threshold(sg_model *m, uint32_t which, float explicit_tau) {
+    uint32_t bits;
+    memcpy(&bits, &explicit_tau, sizeof bits);
+    atomic_store(&m->threshold, (uint64_t)which << 32 | bits);
+}
+
+/* The current threshold as a double (an operating point's and the bundle's exactly as the manifest holds
+ * them, as the Python runtime compares), and (when `point` is given) its operating point's index, or -1. */
+static double threshold(const sg_model *m, int32_t *point) {
+    uint64_t word = atomic_load(&((sg_model *)m)->threshold);
+    uint32_t which = (uint32_t)(word >> 32), bits = (uint32_t)word;
+    if (point) *point = which && which != GUARD_TAU ? (int32_t)which - 1 : -1;
+    if (which == GUARD_TAU) return m->bundle.tau;
+    if (which) return m->bundle.points[which - 1].tau;
+    float tau;
+    memcpy(&tau, &bits, sizeof tau);
+    return tau;
+}
+
+/* The bundle's own threshold: guard.tau, named after the default operating point when it is that point's
+ * (runtime/model.py: set_operating_point(None)). */
+static void start_threshold(sg_model *m) {
+    const sg_bundle *b = &m->bundle;
+    int32_t d = b->guarded ? b->default_point : -1;
+    set_threshold(m, d >= 0 && b->points[d].tau == b->tau ? (uint32_t)d + 1 : GUARD_TAU, 0.0f);
+}
+
+static sg_status require_guard(const sg_model *m, const char *what) {
+    if (!m) return sg_fail(SG_ERR_INVALID_ARGUMENT, "%s: NULL model", what);
+    if (!m->bundle.guarded)
+        return sg_fail(SG_ERR_NO_GUARD, "this bundle has no guard, so it has no operating point to choose");
+    return SG_OK;
+}
+
+sg_status sg_model_set_operating_point(sg_model *m, const char *name) {
+    sg_clear_error();
+    sg_status st = require_guard(m, "sg_model_set_operating_point");
+    if (st != SG_OK) return st;
+    if (!name) return sg_fail(SG_ERR_INVALID_ARGUMENT, "sg_model_set_operating_point: NULL name");
+    const sg_bundle *b = &m->bundle;
+    for (size_t i = 0; i < b->n_points; i++)
+        if (!strcmp(b->points[i].name, name)) {
+            set_threshold(m, (uint32_t)i + 1, 0.0f);
+            return SG_OK;
+        }
+    if (!b->points_recorded && (!strcmp(name, "strict") || !strcmp(name, "permissive")))
+        return sg_fail(SG_ERR_INVALID_ARGUMENT,
+                       "this bundle's guard has no operating points (calibrated before them): only balanced "
+                       "(tau %.3f) is available, or give a tau between 0 and 1",
+                       b->points[0].tau);
+    sg_buf names = {0};
+    for (size_t i = 0; i < b->n_points; i++)
+        if ((i && sg_buf_append_str(&names, ", ")) || sg_buf_append_str(&names, b->points[i].name)) {
+            sg_buf_free(&names);
+            return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+        }
+    st = sg_fail(SG_ERR_INVALID_ARGUMENT, "unknown operating point '%.64s': this bundle has %s, or give a tau "
+                 "between 0 and 1", name, names.data ? names.data : "");
+    sg_buf_free(&names);
+    return st;
+}
+
+sg_status sg_model_set_tau(sg_model *m, float tau) {
+    sg_clear_error();
+    sg_status st = require_guard(m, "sg_model_set_tau");
+    if (st != SG_OK) return st;
+    if (!(tau >= 0.0f && tau <= 1.0f)) /* NaN fails too */
+        return sg_fail(SG_ERR_INVALID_ARGUMENT, "tau must be between 0 and 1, got %g", (double)tau);
+    set_threshold(m, 0, tau);
+    return SG_OK;
+}
+
+sg_status sg_model_operating_point_get(const sg_model *m, int32_t index, const char **name, float *tau) {
+    sg_clear_error();
+    if (!m) return sg_fail(SG_ERR_INVALID_ARGUMENT, "sg_model_operating_point_get: NULL model");
+    if (index < 0 || (size_t)index >= m->bundle.n_points)
+        return sg_fail(SG_ERR_INVALID_ARGUMENT, "operating point %d does not exist: this bundle has %zu", index,
+                       m->bundle.n_points);
+    if (name) *name = m->bundle.points[index].name;
+    if (tau) *tau = (float)m->bundle.points[index].tau;
     return SG_OK;
 }
 
 sg_status sg_model_info_get(const sg_model *m, sg_model_info *out) {
     if (!m || !out) return sg_fail(SG_ERR_INVALID_ARGUMENT, "sg_model_info_get: model and out must not be NULL");
     const sg_bundle *b = &m->bundle;
-    *out = (sg_model_info){b->name,    b->precision, b->num_layers,  b->vocab_size,
-                           b->context, b->guarded,   b->split_layer, b->tau};
+    int32_t point = -1;
+    float tau = (float)threshold(m, &point);
+    *out = (sg_model_info){b->name,
+                           b->precision,
+                           b->num_layers,
+                           b->vocab_size,
+                           b->context,
+                           b->guarded,
+                           b->split_layer,
+                           tau,
+                           point >= 0 ? b->points[point].name : NULL,
+                           (int32_t)b->n_points};
     return SG_OK;
 }
 
-static int decide(const sg_model *m, float risk) {
-    return m->bundle.guarded && !(isfinite(risk) && risk < m->bundle.tau); /* the guard fails closed */
+static int decide(const sg_model *m, float risk, double tau) {
+    return m->bundle.guarded && !(isfinite(risk) && (double)risk < tau); /* the guard fails closed */
 }
 
 /* ---- generation ---------------------------------------------------------------------------------- */
@@ -228,13 +328,14 @@ static sg_status generate(sg_model *m, const int32_t *ids, size_t n, size_t user
     sg_prob *scratch = s.temperature > 0 ? malloc((size_t)b->vocab_size * sizeof *scratch) : NULL;
     float *last = malloc((size_t)b->hidden_size * sizeof *last);
     float risk = NAN;
+    double tau = threshold(m, NULL); /* the threshold as this call starts */
     st = sg_cache_new(m, b->num_layers, (int64_t)n + s.max_new_tokens, &cache);
     if (st == SG_OK) st = step_new(m, &step);
     if (st == SG_OK && (!tokens || !last || (s.temperature > 0 && !scratch)))
         st = sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
     double t0 = sg_now(); /* the clock starts at the prefill, after the buffers are made, as in the Python runtime */
     if (st == SG_OK) st = sg_prefill(m, ids, n, user_start, m->prefill, m->n_prefill, &cache, last, &risk);
-    int fired = decide(m, risk);
+    int fired = decide(m, risk, tau);
     double t_prefill = sg_now(), t_first = 0;
     sg_rng r;
     sg_rng_seed(&r, s.seed);
@@ -302,7 +403,8 @@ static sg_status generate(sg_model *m, const int32_t *ids, size_t n, size_t user
                                .finish_reason = reason,
                                .prefill_seconds = t_prefill - t0,
                                .first_token_seconds = t_first - t0,
-                               .decode_seconds = t_end - t_first};
+                               .decode_seconds = t_end - t_first,
+                               .tau = b->guarded ? (float)tau : NAN};
             tokens = NULL;
         }
     }
@@ -355,12 +457,13 @@ sg_status sg_score(sg_model *m, const sg_message *msgs, size_t n, float *risk, i
         st = sg_fail(SG_ERR_TOO_LONG, "the prompt is %zu tokens, more than the model's context of %d", ids.count,
                      m->bundle.context);
     size_t upto = m->risk_engine + 1;
+    double tau = threshold(m, NULL);
     sg_kv_cache cache = {0};
     float *last = malloc((size_t)m->bundle.hidden_size * sizeof *last);
     if (st == SG_OK && !last) st = sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
     if (st == SG_OK) st = sg_cache_new(m, m->prefill[upto - 1]->spec->end_layer, (int64_t)ids.count, &cache);
     if (st == SG_OK) st = sg_prefill(m, ids.ids, ids.count, user_start, m->prefill, upto, &cache, last, risk);
-    if (st == SG_OK && fired) *fired = decide(m, *risk);
+    if (st == SG_OK && fired) *fired = decide(m, *risk, tau);
     free(last);
     sg_cache_free(&cache);
     sg_tokens_free(&ids);

@@ -3,6 +3,7 @@
 #define SG_MODEL_H
 
 #include <onnxruntime_c_api.h>
+#include <stdatomic.h>
 
 #include "bundle.h"
 #include "common.h"
@@ -30,6 +31,9 @@ struct sg_model {
     size_t risk_engine; /* index in `prefill` of the engine with the prober */
     char **past_key, **past_value, **present_key, **present_value;
     OrtMemoryInfo *cpu;
+    /* the guard's current threshold, set from any thread, in one word: which (the bundle's guard.tau, an
+     * operating point's index + 1, or 0: an explicit tau) << 32 | an explicit tau's float bits */
+    _Atomic uint64_t threshold;
 };
 
 typedef struct {

@@ -109,6 +109,38 @@ static void check_errors(const char *bundle, const char *corrupt) {
     } else {
         expect(st, SG_ERR_NO_GUARD, "score(unguarded bundle)");
     }
+    if (info.guarded) { /* the guard's threshold: names, explicit taus, and what is refused */
+        expect(sg_model_set_operating_point(NULL, "balanced"), SG_ERR_INVALID_ARGUMENT, "set_operating_point(NULL)");
+        expect(sg_model_set_operating_point(m, NULL), SG_ERR_INVALID_ARGUMENT, "set_operating_point(m, NULL)");
+        expect(sg_model_set_operating_point(m, "loose"), SG_ERR_INVALID_ARGUMENT, "set_operating_point(loose)");
+        CHECK(strstr(sg_last_error(), "balanced") != NULL, "the error names what is available: %s", sg_last_error());
+        expect(sg_model_set_tau(m, 1.5f), SG_ERR_INVALID_ARGUMENT, "set_tau(1.5)");
+        expect(sg_model_set_tau(m, NAN), SG_ERR_INVALID_ARGUMENT, "set_tau(NaN)");
+        expect(sg_model_set_tau(m, -0.1f), SG_ERR_INVALID_ARGUMENT, "set_tau(-0.1)");
+        expect(sg_model_operating_point_get(m, -1, NULL, NULL), SG_ERR_INVALID_ARGUMENT, "operating_point_get(-1)");
+        expect(sg_model_operating_point_get(m, info.n_operating_points, NULL, NULL), SG_ERR_INVALID_ARGUMENT,
+               "operating_point_get(past the end)");
+        expect(sg_model_set_tau(m, 0.0f), SG_OK, "set_tau(0)");
+        sg_model_info now;
+        sg_model_info_get(m, &now);
+        CHECK(now.tau == 0.0f && now.operating_point == NULL, "info after set_tau(0): tau %g", (double)now.tau);
+        expect(sg_generate(m, &ok, 1, &s, NULL, NULL, &r), SG_OK, "generate at tau 0");
+        CHECK(r.fired == 1 && r.tau == 0.0f, "tau 0 fires on every request (fired %d, tau %g)", r.fired, (double)r.tau);
+        sg_result_free(&r);
+        expect(sg_score(m, &ok, 1, &risk, &fired), SG_OK, "score at tau 0");
+        CHECK(fired == 1, "score at tau 0 fires");
+        expect(sg_model_set_operating_point(m, "balanced"), SG_OK, "set_operating_point(balanced)");
+        sg_model_info_get(m, &now);
+        CHECK(now.operating_point && !strcmp(now.operating_point, "balanced"), "info names balanced");
+        const char *name = NULL;
+        float tau = NAN;
+        for (int32_t i = 0; i < now.n_operating_points; i++) {
+            expect(sg_model_operating_point_get(m, i, &name, &tau), SG_OK, "operating_point_get");
+            CHECK(name && tau >= 0.0f && tau <= 1.0f, "operating point %d: %s %g", i, name, (double)tau);
+        }
+    } else {
+        expect(sg_model_set_tau(m, 0.5f), SG_ERR_NO_GUARD, "set_tau(unguarded bundle)");
+    }
     expect(sg_generate(m, &ok, 1, &s, NULL, NULL, &r), SG_OK, "generate after the errors");
     sg_result_free(&r);
     sg_result_free(NULL);

@@ -94,6 +94,8 @@ def operating_point_table(points: dict, default: str | None, tau: float | None =
     evaluation sets (as calibration recorded them), the chosen one marked."""
     pct = lambda v: f"{100 * v:5.1f}%" if isinstance(v, (int, float)) else "     -"  # noqa: E731
     sets = list(dict.fromkeys(k for p in points.values() for k in (p.get("fire_rates") or {})))
+    shipped = [k for k in sets if not k.startswith("validation:")]    # calibration's own rows are in FPR/TPR
+    sets = shipped or sets
     lines = [f"  {'':2}{'name':<11} {'tau':>6} {'FPR':>6} {'TPR':>6}" + "".join(f" {s[:22]:>22}" for s in sets)]
     for key, p in points.items():
         mark = "->" if key == name else "  "

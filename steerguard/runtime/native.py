@@ -66,7 +66,13 @@ class _Result(C.Structure):
     _fields_ = [("text", C.c_void_p), ("text_length", C.c_size_t), ("token_ids", C.POINTER(C.c_int32)), ("n_tokens", C.c_size_t),
                 ("prompt_tokens", C.c_size_t), ("risk", C.c_float), ("fired", C.c_int32),
                 ("split_layer", C.c_int32), ("finish_reason", C.c_int), ("prefill_seconds", C.c_double),
-                ("first_token_seconds", C.c_double), ("decode_seconds", C.c_double)]
+                ("first_token_seconds", C.c_double), ("decode_seconds", C.c_double), ("tau", C.c_float)]
+
+
+class _ModelInfo(C.Structure):
+    _fields_ = [("name", C.c_char_p), ("precision", C.c_char_p), ("num_layers", C.c_int32), ("vocab_size", C.c_int32),
+                ("context", C.c_int32), ("guarded", C.c_int32), ("split_layer", C.c_int32), ("tau", C.c_float),
+                ("operating_point", C.c_char_p), ("n_operating_points", C.c_int32)]
 
 
 _Callback = C.CFUNCTYPE(C.c_int, C.c_int32, C.POINTER(C.c_char), C.c_size_t, C.c_void_p)
@@ -92,6 +98,7 @@ class NativeResult:
     prefill_s: float
     first_token_s: float
     decode_s: float
+    tau: float                  # the threshold the request was judged at (NaN when unguarded)
 
 
 class NativeLibrary:
@@ -115,6 +122,11 @@ class NativeLibrary:
         lib.sg_result_free.argtypes = [C.POINTER(_Result)]
         lib.sg_score.argtypes = [C.c_void_p, C.POINTER(_Message), C.c_size_t, C.POINTER(C.c_float),
                                  C.POINTER(C.c_int32)]
+        lib.sg_model_info_get.argtypes = [C.c_void_p, C.POINTER(_ModelInfo)]
+        lib.sg_model_set_operating_point.argtypes = [C.c_void_p, C.c_char_p]
+        lib.sg_model_set_tau.argtypes = [C.c_void_p, C.c_float]
+        lib.sg_model_operating_point_get.argtypes = [C.c_void_p, C.c_int32, C.POINTER(C.c_char_p),
+                                                     C.POINTER(C.c_float)]
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "NativeLibrary":
@@ -191,6 +203,36 @@ class NativeModel:
         self.native.lib.sg_string_free(out)
         return text
 
+    def info(self) -> dict:
+        """sg_model_info: name, precision, layers, vocabulary, context, guarded, split layer, the current tau and
+        its operating point's name (None for an explicit tau)."""
+        out = _ModelInfo()
+        self.native.check(self.native.lib.sg_model_info_get(self.handle, C.byref(out)))
+        info = {name: getattr(out, name) for name, _ in _ModelInfo._fields_}
+        for key in ("name", "precision", "operating_point"):
+            info[key] = info[key].decode() if info[key] is not None else None
+        info["guarded"] = bool(info["guarded"])
+        return info
+
+    @property
+    def operating_points(self) -> dict[str, float]:
+        """The bundle's named thresholds, lowest tau first: name -> tau."""
+        out = {}
+        for i in range(self.info()["n_operating_points"]):
+            name, tau = C.c_char_p(), C.c_float()
+            self.native.check(self.native.lib.sg_model_operating_point_get(self.handle, i, C.byref(name), C.byref(tau)))
+            out[name.value.decode()] = tau.value
+        return out
+
+    def set_operating_point(self, point: str | float) -> None:
+        """Judge later calls at a named threshold (sg_model_set_operating_point) or an explicit tau in [0, 1]
+        (sg_model_set_tau)."""
+        lib = self.native.lib
+        if isinstance(point, str):
+            self.native.check(lib.sg_model_set_operating_point(self.handle, point.encode()))
+        else:
+            self.native.check(lib.sg_model_set_tau(self.handle, float(point)))
+
     def score(self, messages: Sequence[dict]) -> tuple[float, bool]:
         array, _keep = _messages(messages)
         risk, fired = C.c_float(), C.c_int32()
@@ -223,6 +265,7 @@ class NativeModel:
             text=C.string_at(result.text, result.text_length).decode(), token_ids=[result.token_ids[i] for i in range(result.n_tokens)],
             risk=result.risk, fired=bool(result.fired), split_layer=result.split_layer,
             finish_reason=FINISH_REASONS[result.finish_reason], prompt_tokens=result.prompt_tokens,
-            prefill_s=result.prefill_seconds, first_token_s=result.first_token_seconds, decode_s=result.decode_seconds)
+            prefill_s=result.prefill_seconds, first_token_s=result.first_token_seconds, decode_s=result.decode_seconds,
+            tau=result.tau)
         lib.sg_result_free(C.byref(result))
         return out
