@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,12 @@ def native() -> NativeLibrary:
 
 @pytest.fixture(scope="session")
 def carrier(tmp_path_factory) -> Path:
-    """A tiny unguarded Llama bundle; only its engines are used, to get a model handle."""
+    """A tiny unguarded Llama bundle whose engines take ids up to 2047 (the trained tokenizers' range)."""
     from steerguard.export.bundle import export_bundle
     from steerguard.export.models import LoadedModel
 
     tok = tiny_tokenizer(["the carrier of other tokenizers"])
-    lm = LoadedModel(model=tiny_model("llama", len(tok)), tokenizer=tok, source="carrier", name="carrier",
+    lm = LoadedModel(model=tiny_model("llama", 2048), tokenizer=tok, source="carrier", name="carrier",
                      sha256="carrier")
     return export_bundle(lm, None, tmp_path_factory.mktemp("carrier") / "plain", progress=False)
 
@@ -254,3 +255,99 @@ def test_what_the_c_library_cannot_reproduce_is_refused_at_load_with_the_reason(
     wordlevel = with_tokenizer(carrier, (carrier / "tokenizer" / "tokenizer.json").read_text(), tmp_path / "wl")
     with pytest.raises(NativeError, match="tokenizer model WordLevel; the C library runs BPE only"):
         native.model(wordlevel)
+
+
+# ---- under AddressSanitizer, UndefinedBehaviorSanitizer and LeakSanitizer -----------------------------
+
+SANITIZED_COMPARE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from test_capi_tokenizers import compare, tokenizer_corpus
+from steerguard.runtime.native import NativeLibrary
+lib = NativeLibrary.load(sys.argv[2])
+corpus = tokenizer_corpus()
+corpus = corpus[::5] + corpus[-3:]   # every fifth string, and the three long single pieces
+print(json.dumps({b: compare(lib, Path(b), corpus) for b in sys.argv[3:]}))
+"""
+
+
+def sanitizer_runtime() -> str:
+    import subprocess
+
+    libs = [subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+            for name in ("libasan.so", "libubsan.so")]
+    if not all(Path(p).is_absolute() for p in libs):
+        pytest.skip("gcc's libasan/libubsan not found")
+    return ":".join(libs)
+
+
+@pytest.fixture(scope="session")
+def asan_dir() -> Path:
+    return build("c-asan", "-DCMAKE_BUILD_TYPE=Debug", "-DSTEERGUARD_SANITIZE=ON")
+
+
+def test_sentencepiece_tokenizers_under_sanitizers(carrier, trained, asan_dir, tmp_path):
+    """The corpus through the sanitized library in a Python whose allocator ASan replaces (leak checks off:
+    the interpreter's own allocations would drown them), then load/generate/free cycles in the C test
+    program with LeakSanitizer on."""
+    import os
+    import subprocess
+
+    from test_capi import run_checked
+
+    bundles = [with_tokenizer(carrier, sentencepiece_variant(trained, k), tmp_path / k)
+               for k in ("llama2", "gemma", "metaspace", "unknown")]
+    if gemma_tokenizer_json() is not None:
+        bundles.append(with_tokenizer(carrier, gemma_tokenizer_json().read_text(), tmp_path / "gemma3"))
+    env = {**os.environ, "LD_PRELOAD": sanitizer_runtime(), "ASAN_OPTIONS": "detect_leaks=0",
+           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    done = subprocess.run([sys.executable, "-c", SANITIZED_COMPARE, str(Path(__file__).parent),
+                           str(asan_dir / "libsteerguard.so"), *map(str, bundles)],
+                          capture_output=True, text=True, env=env, timeout=3000)
+    assert done.returncode == 0 and "runtime error" not in done.stderr, done.stderr[-4000:]
+    assert "Sanitizer" not in done.stderr, done.stderr[-4000:]
+    for bundle, got in json.loads(done.stdout.splitlines()[-1]).items():
+        assert got["encode_mismatches"] == 0 and got["decode_mismatches"] == 0, (bundle, got)
+    for bundle in bundles[:2]:
+        assert "50/50" in run_checked([asan_dir / "capi_test", "cycles", bundle, 50])
+
+
+def main() -> None:
+    """`python tests/test_capi_tokenizers.py [LIBRARY]`: the numbers of docs/capi_tokenizers.md, as a table."""
+    import tempfile
+    import time
+
+    from test_capi import bpe_tokenizer
+
+    lib = NativeLibrary.load(sys.argv[1] if len(sys.argv) > 1 else build("c", "-DCMAKE_BUILD_TYPE=Release")
+                             / "libsteerguard.so")
+    work = Path(tempfile.mkdtemp(prefix="capi-tokenizers-"))
+    from steerguard.export.bundle import export_bundle
+    from steerguard.export.models import LoadedModel
+
+    tok = tiny_tokenizer(["the carrier of other tokenizers"])
+    carrier_bundle = export_bundle(LoadedModel(model=tiny_model("llama", 2048), tokenizer=tok, source="carrier",
+                                               name="carrier", sha256="carrier"), None, work / "carrier", progress=False)
+    corpus = tokenizer_corpus()
+    trained_spec = train_sentencepiece_bpe(corpus[:4000])
+    for family in ("llama", "qwen2"):   # test_capi's two byte-level tokenizers
+        bpe_tokenizer(family, work / family)
+    specs = {"SmolLM2 (byte-level)": (work / "llama" / "tokenizer.json").read_text(),
+             "Qwen2 shape (byte-level, NFC)": (work / "qwen2" / "tokenizer.json").read_text(),
+             **{f"trained byte-fallback BPE, {k} shape": sentencepiece_variant(trained_spec, k)
+                for k in ("llama2", "gemma", "metaspace", "unknown")}}
+    if gemma_tokenizer_json() is not None:
+        specs["Gemma 3 270M (from its GGUF)"] = gemma_tokenizer_json().read_text()
+    print("| tokenizer | strings encoded | encode mismatches | sequences decoded | decode mismatches | seconds |")
+    print("|---|---|---|---|---|---|")
+    for i, (name, spec) in enumerate(specs.items()):
+        start = time.perf_counter()
+        got = compare(lib, with_tokenizer(carrier_bundle, spec, work / f"b{i}"), corpus)
+        print(f"| {name} | {got['strings']:,} | {got['encode_mismatches']} | {got['decoded']:,} | "
+              f"{got['decode_mismatches']} | {time.perf_counter() - start:.1f} |", flush=True)
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
