@@ -1236,6 +1236,7 @@ static int fuse(token_list *l) {
     sg_buf all = {0};
     int rc = 0;
     for (size_t i = 0; i < l->count && !rc; i++) rc = sg_buf_append(&all, l->items[i].data, l->items[i].len);
+    if (!rc && !all.data) rc = sg_buf_append(&all, "", 0); /* fusing no tokens gives one empty token */
     tokens_free(l);
     if (rc || !(l->items = malloc(sizeof *l->items))) {
         sg_buf_free(&all);
@@ -1252,8 +1253,9 @@ static void strip(const dec_step *s, sg_buf *b, int keep_front) {
     for (int k = 0; !keep_front && k < s->start && back - front >= n && !memcmp(b->data + front, s->from, n); k++)
         front += n;
     for (int k = 0; k < s->stop && back - front >= n && !memcmp(b->data + back - n, s->from, n); k++) back -= n;
-    memmove(b->data, b->data + front, back - front);
+    if (front) memmove(b->data, b->data + front, back - front);
     b->len = back - front;
+    if (b->data) b->data[b->len] = '\0';
 }
 
 /* Run the decoder chain over the tokens' texts. `continuation`: the tokens follow text already decoded,
