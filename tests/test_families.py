@@ -111,6 +111,7 @@ class FamilyResult:
     fired: dict = field(default_factory=dict)        # precision -> prompts the guard fired on
     agree: dict = field(default_factory=dict)        # precision -> prompts whose decision equals fp32's
     same_tokens: dict = field(default_factory=dict)  # precision -> prompts whose plain greedy tokens equal fp32's
+    c_identical: dict = field(default_factory=dict)  # precision -> prompts libsteerguard answers as GuardedModel
     seconds: float = 0.0
 
 
@@ -146,8 +147,9 @@ def bundle_logits(gm, ids: list[int], forced: list[int]) -> np.ndarray:
     return np.stack(rows)
 
 
-def measure(export: FamilyExport, n_prompts: int, new_tokens: int) -> FamilyResult:
-    """Parity of the family's bundles with transformers and the reference guard on n prompts."""
+def measure(export: FamilyExport, n_prompts: int, new_tokens: int, native=None) -> FamilyResult:
+    """Parity of the family's bundles with transformers and the reference guard on n prompts; with `native` (a
+    NativeLibrary) also libsteerguard's guarded greedy answers against the Python runtime's."""
     import torch
 
     from steerguard.export.hidden import chat_ids
@@ -184,6 +186,15 @@ def measure(export: FamilyExport, n_prompts: int, new_tokens: int) -> FamilyResu
         result.fired[k] = int(sum(decisions[k]))
         result.agree[k] = int(sum(a == b for a, b in zip(decisions[k], decisions["fp32"])))
         result.same_tokens[k] = int(sum(a == b for a, b in zip(plain_tokens[k], plain_tokens["fp32"])))
+    if native is not None:
+        for k in ("fp32", "int4"):
+            with native.model(export.bundles[k], threads=2) as m:
+                result.c_identical[k] = 0
+                for prompt in texts:
+                    chat = [{"role": "user", "content": prompt}]
+                    want = models[k].generate(chat, greedy)
+                    got = m.generate(chat, max_new_tokens=new_tokens, ignore_eos=True)
+                    result.c_identical[k] += (got.token_ids, got.fired) == (want.token_ids, want.fired)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -170,9 +170,10 @@ class DecoderSpec:
                                   f"(supported: {', '.join(sorted([*FAMILIES, *VISION_FAMILIES]))})")
         fam = FAMILIES[arch]
         refuse = _refusal(model)
-        activation = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+        act_field = "hidden_activation" if getattr(cfg, "hidden_activation", None) else "hidden_act"
+        activation = getattr(cfg, act_field, "silu")
         if activation not in ACTIVATIONS:
-            refuse("hidden_act", activation, f"supported: {', '.join(ACTIVATIONS)}")
+            refuse(act_field, activation, f"supported: {', '.join(ACTIVATIONS)}")
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
             # transformers' Gemma 3 stores it and never applies it: no export could match both it and the config
             refuse("attn_logit_softcapping", cfg.attn_logit_softcapping, "transformers does not apply it to this family")
@@ -205,7 +206,7 @@ class DecoderSpec:
             if getattr(rotary_emb, "attention_scaling", 1.0) != 1.0:
                 raise SteerguardError(f"{arch}: scaled multimodal rotary embeddings are not supported")
             mrope = {"section": [int(x) for x in rotary_emb.mrope_section], "inv_freq": rotary_emb.inv_freq.tolist()}
-        uses_rope = getattr(cfg, "no_rope_layers", None) or [1] * n
+        uses_rope = getattr(cfg, "no_rope_layers", None) or [1] * n   # SmolLM3's list: 1 where the layer rotates
         window = getattr(cfg, "sliding_window", None)
         windowed = layer_types if getattr(cfg, "layer_types", None) else ["sliding_attention" if window else ""] * n
         # HF lets a token see the `window` positions ending at itself; a window as long as the context is no window
@@ -236,10 +237,10 @@ class DecoderSpec:
                 o, down = o * residual, down * residual
             qk = {}
             if fam.qk_norm == "head_layer":
-                qk = {f"{n}{suffix}": w(f"{p}self_attn.{n}.{kind}") for n in ("q_norm", "k_norm")
+                qk = {f"{name}{suffix}": w(f"{p}self_attn.{name}.{kind}") for name in ("q_norm", "k_norm")
                       for suffix, kind in (("", "weight"), ("_bias", "bias"))}
             elif fam.qk_norm:
-                qk = {n: norm(f"self_attn.{n}.weight", p) for n in ("q_norm", "k_norm")}
+                qk = {name: norm(f"self_attn.{name}.weight", p) for name in ("q_norm", "k_norm")}
             layers.append(LayerWeights(
                 attn_norm=norm(fam.attn_norm, p), qkv=qkv.T.copy(), qkv_bias=bias, o=o.copy(),
                 mlp_norm=norm(fam.mlp_norm, p),
