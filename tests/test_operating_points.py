@@ -189,10 +189,14 @@ def test_run_and_chat_take_an_operating_point(bundles, points, risks):
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "-m", "steerguard", "chat", str(bundles["points"]), "--max-new-tokens", "2",
-                           "--operating-point", "permissive"], input=f"{PROMPTS[i]}\n/quit\n", capture_output=True,
-                          text=True)
+                           "--operating-point", "permissive"], capture_output=True, text=True,
+                          input=f"{PROMPTS[i]}\n/point strict\n{PROMPTS[i]}\n/point loose\n/point 0\nhi\n/quit\n")
     assert done.returncode == 0, done.stderr
-    assert f"tau {points['permissive']:.3f} (permissive)" in done.stdout and "-> pass" in done.stderr
+    assert f"tau {points['permissive']:.3f} (permissive)" in done.stdout
+    verdicts = [line for line in done.stderr.splitlines() if "->" in line]
+    assert "permissive) -> pass" in verdicts[0] and "strict) -> REFUSAL HEAD" in verdicts[1]
+    assert "tau 0.000) -> REFUSAL HEAD" in verdicts[2]
+    assert "error: unknown operating point 'loose'" in done.stderr
 
 
 def test_cli_refuses_bad_points_in_one_line(bundles):

@@ -109,7 +109,8 @@ def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, operati
 @operating_point_option
 def chat(bundle, system, sampling, backend, fallback_cpu, operating_point):
     """Multi-turn chat in the terminal. The guard judges every user turn (with the conversation so
-    far, at the threshold --operating-point picks); /reset starts over, /quit or Ctrl-D leaves."""
+    far, at the threshold --operating-point picks; /point NAME|TAU changes it); /reset starts over, /quit or
+    Ctrl-D leaves."""
     model = load_bundle(bundle, backend, fallback_cpu, operating_point)
     history = [{"role": "system", "content": system}] if system else []
     guard = (f"guarded at layer {model.split_layer}, {describe_point(model.tau, model.operating_point)}"
@@ -123,6 +124,15 @@ def chat(bundle, system, sampling, backend, fallback_cpu, operating_point):
             return
         if line in ("/quit", "/exit"):
             return
+        if line.startswith("/point"):
+            from .options import OperatingPointType
+
+            try:
+                model.set_operating_point(OperatingPointType().convert(line[6:].strip() or None, None, None))
+                click.echo(f"  [{describe_point(model.tau, model.operating_point)}]", err=True)
+            except SteerguardError as e:
+                click.echo(f"error: {e}", err=True)
+            continue
         if line == "/reset":
             history = history[:1] if system else []
             continue

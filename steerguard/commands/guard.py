@@ -184,8 +184,9 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
     guard = Guard.load(guard_dir) if guard_dir and not bundle else None
     if guard is not None:     # the guard's own table; a bad choice fails before any model loads
         points = operating_points_of({"tau": guard.prober.tau, "operating_points": guard.prober.operating_points})
+        named = "balanced" if points.get("balanced", {}).get("tau") == guard.prober.tau else None
         guard.prober.tau, point_name = resolve_operating_point(points, operating_point) \
-            if operating_point is not None else (guard.prober.tau, "balanced" if "balanced" in points else None)
+            if operating_point is not None else (guard.prober.tau, named)
     sets = [_prompt_set(f, 1) for f in harmful_files] + [_prompt_set(f, 0) for f in benign_files]
     if not sets:
         sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1),
