@@ -193,7 +193,9 @@ def markdown_report(summary: dict) -> str:
     pooled = summary["prober_auroc"]
     tpr = summary.get("prober_tpr_at_1pct_fpr")
     lines = [f"# steerguard eval — {summary['model']}", "",
-             f"split layer {summary['split_layer']}, tau {summary['tau']:.3f}, prober AUROC (all sets pooled) "
+             f"split layer {summary['split_layer']}, tau {summary['tau']:.3f}"
+             + (f" ({summary['operating_point']})" if summary.get("operating_point") else "")
+             + ", prober AUROC (all sets pooled) "
              + (f"**{pooled:.3f}**, catch rate at 1% false fires {tpr:.2f}" if pooled == pooled
                 else "— (needs harmful and benign sets)") + "; sets worst first", "",
              "| set | kind | n | guard fires | ASR unguarded | ASR guarded | refusals open with refusal | "
@@ -208,7 +210,8 @@ def markdown_report(summary: dict) -> str:
                   "| point | tau | false fires (benign) | catches (harmful) | held-out FPR | held-out TPR |",
                   "|---|---|---|---|---|---|"]
         for name, p in summary["operating_points"].items():
-            lines.append(f"| {name} | {p['tau']:.3f} | {pct(p['fpr'])} | {pct(p['tpr'])} | "
+            chosen = p["tau"] == summary["tau"] and name in (summary.get("operating_point"), "explicit")
+            lines.append(f"| {f'**{name}** (this run)' if chosen else name} | {p['tau']:.3f} | {pct(p['fpr'])} | {pct(p['tpr'])} | "
                          f"{pct(p.get('held_out_fpr'))} | {pct(p.get('held_out_tpr'))} |")
     lines += ["", "![risk histograms](risk_hist.png) ![ROC](roc.png)", ""]
     return "\n".join(lines)
