@@ -27,7 +27,8 @@ def with_points(bundle, folder, points: dict, tau: float | None = None, roc: dic
     manifest = json.loads((folder / "manifest.json").read_text())
     g = manifest["guard"]
     g["operating_points"] = {name: {"tau": t, "fpr": 0.01 * (3 - i), "tpr": 0.9 - 0.1 * i,
-                                    "fire_rates": {"harmful_heldout": 0.9 - 0.1 * i, "sounds_dangerous": 0.2 - 0.05 * i}}
+                                    "fire_rates": {"harmful_heldout": 0.9 - 0.1 * i,
+                                                   "sounds_dangerous": 0.2 - 0.05 * i}}
                              for i, (name, t) in enumerate(points.items())}
     g["default_operating_point"] = "balanced"
     g["tau"] = points["balanced"] if tau is None else tau

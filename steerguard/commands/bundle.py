@@ -87,8 +87,8 @@ def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, operati
     if as_json:
         r = model.generate(request, sampling)
         click.echo(json.dumps({"text": r.text, "risk": r.risk, "fired": r.fired, "split_layer": r.split_layer,
-                               "tau": r.tau, "operating_point": r.operating_point, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-                               "timings": r.timings}))
+                               "tau": r.tau, "operating_point": r.operating_point, "finish_reason": r.finish_reason,
+                               "prompt_tokens": r.prompt_tokens, "timings": r.timings}))
         return
     stream = model.stream(request, sampling)
     for piece in stream:

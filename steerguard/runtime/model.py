@@ -55,9 +55,9 @@ def resolve_operating_point(points: dict[str, dict], point: str | float) -> tupl
             return float(points[point]["tau"]), point
         names = ", ".join(points)
         if set(points) == {DEFAULT_OPERATING_POINT} and point in OPERATING_POINT_MEANINGS:
-            raise SteerguardError(f"this bundle's guard has no operating points (calibrated before them): only {names} (tau "
-                                  f"{points[DEFAULT_OPERATING_POINT]['tau']:.3f}) is available, or give a tau "
-                                  "between 0 and 1")
+            raise SteerguardError(f"this bundle's guard has no operating points (calibrated before them): only "
+                                  f"{names} (tau {points[DEFAULT_OPERATING_POINT]['tau']:.3f}) is available, or "
+                                  "give a tau between 0 and 1")
         raise SteerguardError(f"unknown operating point {point!r}: this bundle has {names}, or give a tau "
                               "between 0 and 1")
     if isinstance(point, bool) or not isinstance(point, (int, float, np.floating, np.integer)):
