@@ -223,21 +223,26 @@ class GuardedModel:
         return model
 
     # ---- the guard's threshold ----------------------------------------------------------------------
+    # (tau, name) in one attribute, replaced whole: a call in another thread reads one threshold or the other
     @property
     def tau(self) -> float | None:
         """The threshold the guard fires at (risk >= tau, or a non-finite risk) unless a call asks for another."""
-        return self._tau
+        return self._threshold[0]
 
     @tau.setter
     def tau(self, value: float | None) -> None:
-        self._tau = None if value is None else float(value)
-        self.operating_point = None      # an explicit threshold; set_operating_point names one
+        self._threshold = (None if value is None else float(value), None)   # explicit: no name
+
+    @property
+    def operating_point(self) -> str | None:
+        """The name of the current threshold ("strict", "balanced", ...), None for an explicit tau."""
+        return self._threshold[1]
 
     def resolve_operating_point(self, point: OperatingPoint) -> tuple[float | None, str | None]:
         """(tau, name) for `point`: None is this model's current choice, a string a name from
         `operating_points`, a number an explicit tau in [0, 1]. Anything else: a one-line SteerguardError."""
         if point is None:
-            return self.tau, self.operating_point
+            return self._threshold
         if not self.guarded:
             raise SteerguardError("this bundle has no guard, so it has no operating point to choose")
         return resolve_operating_point(self.operating_points, point)
@@ -246,13 +251,11 @@ class GuardedModel:
         """Make `point` (a name or a tau in [0, 1]; None: the bundle's default) this model's threshold."""
         if point is None:      # the bundle's own: guard.tau, named when it is the default point's
             guard, default = self.manifest.guard, self.default_operating_point
-            self.tau = guard["tau"] if guard else None
-            self.operating_point = default if guard and default and \
-                float(self.operating_points[default]["tau"]) == self.tau else None
+            tau = float(guard["tau"]) if guard else None
+            named = guard and default and float(self.operating_points[default]["tau"]) == tau
+            self._threshold = (tau, default if named else None)
             return
-        tau, name = self.resolve_operating_point(point)
-        self.tau = tau
-        self.operating_point = name
+        self._threshold = self.resolve_operating_point(point)
 
     def _kv_dtype(self) -> np.dtype:
         """The KV cache's element type, as the decoder engines declare their past inputs (one for all)."""
