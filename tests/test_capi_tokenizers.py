@@ -174,7 +174,9 @@ def trained(corpus) -> dict:
 def test_sentencepiece_bpe_equals_tokenizers_on_the_corpus(native, carrier, trained, corpus, kind, tmp_path):
     bundle = with_tokenizer(carrier, sentencepiece_variant(trained, kind), tmp_path / kind)
     extra = ["  ", " a", "a ", "▁", "▁▁x", " ▁ ", "<mask>", "a <mask> b", "x[x]  y", "\n \n", "<start_of_turn>user\nhi",
-             "<|im_start|>hi", "hi<|im_end|> there", "  leading", "<0x41>", "日本語🙂", "\u00e9e\u0301", ""]
+             "<|im_start|>hi", "hi<|im_end|> there", "  leading", "<0x41>", "日本語🙂", "\u00e9e\u0301", "",
+             # lstrip/rstrip take Unicode's white space, not only ASCII's
+             "a\u00a0<mask>b", "a\u3000\u00a0 <mask>", "[x]\u00a0\u2028y", "[x]\u00a0\u00a0<mask>", "\u2029<mask>"]
     got = compare(native, bundle, corpus + extra)
     assert got["encode_mismatches"] == 0 and got["decode_mismatches"] == 0, got
 

@@ -721,7 +721,8 @@ static sg_status normalize(const sg_tokenizer *t, const char *text, size_t len, 
             utf8proc_uint8_t *nfc = NULL;
             utf8proc_ssize_t n = utf8proc_map((const utf8proc_uint8_t *)(out->data ? out->data : ""),
                                               (utf8proc_ssize_t)out->len, &nfc, UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-            if (n < 0) return sg_fail(SG_ERR_INVALID_ARGUMENT, "text cannot be NFC-normalized (%s)", utf8proc_errmsg(n));
+            if (n < 0)
+                return sg_fail(SG_ERR_INVALID_ARGUMENT, "text cannot be NFC-normalized (%s)", utf8proc_errmsg(n));
             rc = sg_buf_append(&next, (const char *)nfc, (size_t)n);
             free(nfc);
         } else if (s->kind == NORM_REPLACE) {
@@ -1101,7 +1102,25 @@ typedef struct {
     size_t *count, *cap;
 } encoder;
 
-static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+/* Unicode's White_Space (Rust's char::is_whitespace, what an added token's lstrip/rstrip takes). */
+static int is_white_space(utf8proc_int32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+/* Length of the white space character that starts at text[i] (0 if none). */
+static size_t space_at(const char *text, size_t len, size_t i) {
+    utf8proc_int32_t c;
+    utf8proc_ssize_t n = utf8proc_iterate((const utf8proc_uint8_t *)text + i, (utf8proc_ssize_t)(len - i), &c);
+    return n > 0 && is_white_space(c) ? (size_t)n : 0;
+}
+
+/* Length of the white space character that ends at text[end - 1] and starts at or after `from`. */
+static size_t space_before(const char *text, size_t from, size_t end) {
+    size_t start = end - 1;
+    while (start > from && ((unsigned char)text[start] & 0xC0) == 0x80) start--;
+    return space_at(text, end, start) == end - start ? end - start : 0;
+}
 
 /* The leftmost added token of `set` in text[from..len), the longest one where several start there. */
 static const added_token *find_added(const sg_tokenizer *t, const added_set *set, const char *text, size_t len,
@@ -1130,10 +1149,11 @@ static sg_status split_added(const encoder *e, const added_set *set, const char 
         size_t at = len;
         const added_token *a = find_added(e->t, set, text, len, from, &at);
         size_t seg_end = at, next = a ? at + a->len : len;
+        size_t n;
         if (a && a->lstrip)
-            while (seg_end > from && is_space(text[seg_end - 1])) seg_end--;
+            while (seg_end > from && (n = space_before(text, from, seg_end))) seg_end -= n;
         if (a && a->rstrip)
-            while (next < len && is_space(text[next])) next++;
+            while (next < len && (n = space_at(text, len, next))) next += n;
         sg_status st = seg_end > from ? each(e, text + from, seg_end - from, at_origin && from == 0) : SG_OK;
         if (st != SG_OK) return st;
         if (!a) return SG_OK;
@@ -1199,7 +1219,10 @@ static int fallback_byte(const sg_buf *b) {
     int v = 0;
     for (int k = 3; k < 5; k++) {
         char c = s[k];
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        int d = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
         if (d < 0) return -1;
         v = v * 16 + d;
     }
@@ -1312,7 +1335,8 @@ static int byte_level_bytes(const sg_tokenizer *t, const int32_t *ids, size_t co
 int sg_tokenizer_decode(const sg_tokenizer *t, const int32_t *ids, size_t count, sg_buf *text) {
     if (!t->byte_level_decoder) return decode_chain(t, ids, count, 0, text);
     sg_buf bytes = {0};
-    int rc = byte_level_bytes(t, ids, count, &bytes) || sg_utf8_append_lossy(text, bytes.data ? bytes.data : "", bytes.len);
+    int rc = byte_level_bytes(t, ids, count, &bytes) ||
+             sg_utf8_append_lossy(text, bytes.data ? bytes.data : "", bytes.len);
     sg_buf_free(&bytes);
     return rc;
 }
