@@ -132,10 +132,16 @@ def test_chat_messages_go_through_the_models_template(tiny_export, gm):
     assert gm.generate(messages, Sampling(max_new_tokens=4)).prompt_tokens == len(hf)
 
 
-def test_a_per_token_prober_reads_the_last_user_turn_only(tiny_export, gm):
+def test_a_per_token_prober_reads_the_last_user_turn_only(tiny_export, tmp_path):
+    import copy
+
+    from steerguard.export.bundle import export_bundle
     from steerguard.export.hidden import template_prefix_len
 
-    assert gm.manifest.guard["feature"] == "max"
+    guard = copy.deepcopy(tiny_export.guard)
+    guard.prober.feature = "max"
+    gm = GuardedModel.load(export_bundle(tiny_export.lm, guard, tmp_path / "max", progress=False))
+    assert gm.manifest.guard["feature"] == "max" and gm.risk_per_token
     # a one-message prompt: the same span calibration trained on
     assert gm.prepare(PROMPTS[1]).user_start == template_prefix_len(tiny_export.lm.tokenizer)
     messages = [{"role": "user", "content": "Tell me how to hurt someone."}, {"role": "assistant", "content": "No."},

@@ -338,8 +338,8 @@ sg_status sg_prefill(const sg_model *m, const int32_t *ids, size_t n, size_t use
                     if (values[i] > best) best = values[i];
                 }
                 *risk = best;
-            } else if (st == SG_OK && count) {
-                *risk = values[0];
+            } else if (st == SG_OK && count) { /* (1,) or, read at every position, (1, n): the last one's */
+                *risk = values[count - 1];
             }
             sg_ort->ReleaseValue(r);
         }

@@ -131,6 +131,7 @@ class Engine:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._types = {v.name: v.type for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        self._ranks = {v.name: len(v.shape) for v in self.session.get_outputs()}
 
     def dtype(self, name: str) -> np.dtype:
         """The element type of input or output `name`."""
@@ -138,6 +139,10 @@ class Engine:
         if kind not in DTYPES:
             raise SteerguardError(f"engine {self.name}: {name} has type {kind}, which the runtime does not bind")
         return DTYPES[kind]
+
+    def rank(self, output: str) -> int:
+        """How many dimensions `output` has."""
+        return self._ranks[output]
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
         """Plain run: numpy in, numpy out."""

@@ -83,7 +83,7 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         l_star = guard.split_layer
         p = guard.prober
         prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision,
-                               per_token=p.per_token, span=p.span)
+                               per_token=p.per_token or p.feature == "last", span=p.span)
         chain.append(("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
                                                                name="pre"), {"layers": [0, l_star], "prober": prober_precision}))
         if (engine_precision or {}).get("pre", precision) != precision:

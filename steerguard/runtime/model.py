@@ -193,6 +193,9 @@ class GuardedModel:
         # a `max` prober scores every token; the request's risk is the highest over the last user turn
         self.risk_per_token = bool(guard) and guard.get("feature") == "max"
         self.risk_engine = next((eng for eng, _ in self.decoders if "risk" in eng.output_names), None)
+        # a (batch, sequence) risk (every `max` prober; `last` probers since they were exported so) lets prompts
+        # of different lengths prefill together: each row's risk is read at its own last position
+        self.risk_per_position = self.risk_engine is not None and self.risk_engine.rank("risk") == 2
         if guard and (self.risk_engine is None or self.refusal is None):
             raise SteerguardError(f"{manifest.root}: the manifest has a guard but the engines lack the prober "
                                   "or the refusal head; re-export the bundle")
@@ -425,7 +428,7 @@ class GuardedModel:
         reads each row's own positions (padding would move a last-position prober onto a pad)."""
         if any(p.image_rows is not None or not _plain_positions(p) for p in prompts):
             return False
-        return not self.guarded or self.risk_per_token or len({len(p.ids) for p in prompts}) == 1
+        return not self.guarded or self.risk_per_position or len({len(p.ids) for p in prompts}) == 1
 
     def _embed(self, ids: np.ndarray) -> ort.OrtValue:
         """The embeddings of (B, S) token ids, left where the model's tensors live."""
@@ -467,8 +470,10 @@ class GuardedModel:
         if risk is None:
             return None
         r = risk[row]
-        if not self.risk_per_token:
+        if not self.risk_per_position:
             return float(r)   # NaN stays NaN
+        if not self.risk_per_token:
+            return float(r[len(prompt.ids) - 1 - reused])
         return float(r[prompt.user_start - reused:len(prompt.ids) - reused].max())
 
     def prefix_kv(self, ids: Sequence[int], max_len: int) -> "PrefixKV":
@@ -738,7 +743,7 @@ class DecodeStep:
             out = mem.zeros((batch, 1, d), engine.dtype(name))
             out.bind_output(b, name)
             if "risk" in engine.output_names:     # computed on every step, read only at prefill
-                risk = mem.zeros((batch, 1) if model.risk_per_token else (batch,), engine.dtype("risk"))
+                risk = mem.zeros((batch, 1) if model.risk_per_position else (batch,), engine.dtype("risk"))
                 risk.bind_output(b, "risk")
                 self._keep.append(risk)
             self.bindings.append(b)
