@@ -9,7 +9,8 @@ rows `calibrate` would use, sets tau on validation rows, and scores the held-out
 calibrates on (the shipped evaluation sets, ToViLaG) are scored by the probe trained on the whole pool.
 
     python bench/guard_data.py extract [--model demo] [--features DIR]
-    python bench/guard_data.py study [--model demo] [--features DIR] [--out docs/guard_data_demo.json]
+    python bench/guard_data.py study [--model demo] [--features DIR] [--out docs/guard_data_demo.json] [--variant ...]
+    python bench/guard_data.py report [--model demo]      # the markdown tables of docs/guard_data_MODEL*.json
 
 Pools: `previous` (what `calibrate` used before: pairs + Alpaca), `default` (+ the public sets shipped in the
 package), `default+shared` (+ SORRY-Bench, TrustLLM, TriviaQA, OKTest, MaliciousInstruct, WizardLM from
@@ -40,8 +41,9 @@ from steerguard.export.data import (PromptSet, data_path, default_benign, defaul
 from steerguard.export.prober import auroc, tpr_at_fpr  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-PER_SOURCE = 400        # prompts per prompt set, as `calibrate` draws them
-PAIRS_PER_SOURCE = 200  # pairs per pair source (half of what `calibrate` draws: the study's forward passes fit a session)
+# a sample of what `calibrate` draws (400 of each): the study's forward passes fit a session on 2 shared cores
+PER_SOURCE = 150        # prompts per prompt set (the shipped evaluation sets are scored whole)
+PAIRS_PER_SOURCE = 200  # pairs per pair source
 
 
 def shared_sets() -> list[PromptSet]:
@@ -77,7 +79,7 @@ def rows_of_study() -> list[dict]:
     for group, sets in (("alpaca", default_benign()), ("public", public_sets()), ("shared", shared_sets()),
                         ("never", never_calibrated_sets())):
         for s in sets:
-            s = s.sample(PER_SOURCE, cfg.seed) if group != "never" else s
+            s = s.sample(PER_SOURCE, cfg.seed) if not s.source.startswith("eval_") else s
             val = rng.random(len(s.prompts)) < cfg.val_fraction
             rows += [{"prompt": p, "label": s.label, "source": s.source, "group": group, "val": bool(v)}
                      for p, v in zip(s.prompts, val)]
@@ -145,18 +147,20 @@ class Study:
         return self._cache[key]
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float):
-    from sklearn.linear_model import LogisticRegression
+def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float, sources: np.ndarray, erase: int = 0):
+    """The shipped linear probe (`Prober.train_linear`), scored as its margin."""
+    from steerguard.export.prober import Prober, source_erasure
 
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    lr = LogisticRegression(C=c, max_iter=500, tol=1e-4).fit((x - mu) / sd, y, sample_weight=w * len(w))
-    return lambda v: lr.decision_function((v - mu) / sd)
+    e = source_erasure(x, y, sources, erase) if erase else None
+    p = Prober.train_linear(x, y, 0, "last", weights=w, c=c, erase=e)
+    return lambda v: np.asarray(v, np.float32) @ p.w1[:, 0] + p.b1[0]
 
 
-def fit_mlp(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float):
-    from steerguard.export.prober import Prober
+def fit_mlp(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float, sources: np.ndarray, erase: int = 0):
+    from steerguard.export.prober import Prober, source_erasure
 
-    p = Prober.train(x, y, 0, "last", weights=w)
+    e = source_erasure(x, y, sources, erase) if erase else None
+    p = Prober.train(x, y, 0, "last", weights=w, erase=e)
     return lambda v: np.log(np.clip(p.risk(v), 1e-7, 1)) - np.log(np.clip(1 - p.risk(v), 1e-7, 1))
 
 
@@ -171,8 +175,11 @@ def tau_at(score: np.ndarray, label: np.ndarray, source: np.ndarray, fpr: float)
 
 def run_variant(st: Study, pool: str, reading: tuple, probe: str, c: float) -> dict:
     x = st.reading(*reading)
-    fit = {"logistic": fit_logistic, "mlp": fit_mlp}[probe]
-    in_pool = np.isin(st.group, POOLS[pool])
+    kind, _, erase = probe.partition("-erase")
+    fit = {"logistic": fit_logistic, "mlp": fit_mlp}[kind]
+    in_pool = np.isin(st.group, POOLS[pool.removesuffix("-nostyled")])
+    if pool.endswith("-nostyled"):     # without the style-augmented copies of the pairs
+        in_pool &= ~np.char.endswith(np.char.rstrip(st.source, "+-"), "-styled")
     units = sorted(set(st.unit[in_pool]))
     held: dict = {}
     pooled_s, pooled_y, pooled_fire = [], [], []
@@ -180,7 +187,7 @@ def run_variant(st: Study, pool: str, reading: tuple, probe: str, c: float) -> d
     def train(mask):
         train_rows = mask & ~st.val
         w = source_balanced_weights(st.label[train_rows], st.source[train_rows])
-        f = fit(x[train_rows], st.label[train_rows], w, c)
+        f = fit(x[train_rows], st.label[train_rows], w, c, st.source[train_rows], int(erase or 0))
         val_rows = mask & st.val
         vs = f(x[val_rows])
         return f, {k: tau_at(vs, st.label[val_rows], st.source[val_rows], v) for k, v in FPR_POINTS.items()}
@@ -256,25 +263,83 @@ def study(folder: Path, out: Path, plan: list[tuple] | None = None) -> list[dict
 
 
 def default_plan(st: Study) -> list[tuple]:
+    """The layer sweep of the default probe (every fourth layer from a third of the depth)."""
     n = st.last.shape[1] - 1
-    return [("default", ("last", (l,)), "logistic", 0.05) for l in range(n // 3, n + 1, 2)]
+    return [("default", ("last", (l,)), "logistic", 0.05) for l in range(n // 3 + 2, n + 1, 4)]
+
+
+def parse_plan(specs: list[str]) -> list[tuple]:
+    """POOL/READING@L[+L...]/PROBE/C, e.g. `default/last@20/logistic-erase4/0.05`."""
+    plan = []
+    for spec in specs:
+        pool, reading, probe, c = spec.split("/")
+        kind, layers = reading.split("@")
+        plan.append((pool, (kind, tuple(int(x) for x in layers.split("+"))), probe, float(c)))
+    return plan
+
+
+def report(files: list[Path]) -> str:
+    """One markdown table of every variant in `files`, worst case first: the worst case is the lower of the
+    worst held-out harmful catch rate and one minus the worst held-out benign false-fire rate."""
+    rows = []
+    for f in files:
+        for r in json.loads(f.read_text())["results"]:
+            sm = r["summary"]
+            worst = min(sm["worst_harmful"][1], 1 - sm["worst_ordinary"][1], 1 - sm["worst_sounds_dangerous"][1])
+            rows.append((worst, r, sm))
+    lines = ["| pool | probe | worst case | worst harmful caught | worst ordinary fired | worst sounds-dangerous fired | "
+             "pooled LOSO AUROC / TPR@1% | all held out AUROC / TPR@1% | twins F1@7% (LOSO / eval sets) | harmful sources < 80% |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for worst, r, sm in sorted(rows, key=lambda t: -t[0]):
+        pct = lambda kv: f"{kv[1]:.0%} ({kv[0]})"  # noqa: E731
+        lines.append(f"| {r['pool']} | {r['reading']} {r['probe']} C={r['c']} | {worst:.0%} | {pct(sm['worst_harmful'])} | "
+                     f"{pct(sm['worst_ordinary'])} | {pct(sm['worst_sounds_dangerous'])} | "
+                     f"{r['pooled_auroc']:.3f} / {r['pooled_tpr_at_1']:.2f} | {r['all_heldout_auroc']:.3f} / "
+                     f"{r['all_heldout_tpr_at_1']:.2f} | {r['twins_f1_at_7'] or float('nan'):.2f} / "
+                     f"{r['eval_twins_f1_at_7'] or float('nan'):.2f} | {len(sm['harmful_below_80'])} |")
+    return "\n".join(lines)
+
+
+def per_source(file: Path, variant: int = 0) -> str:
+    """Every held-out source of one variant at `balanced`, worst first (harmful: caught; benign: fired)."""
+    r = json.loads(file.read_text())["results"][variant]
+    rows = [(u, e["label"], e.get("fire_1", e.get("fire_0")), e["n"], "left out of training in turn")
+            for u, e in r["held_out"].items() if e["label"] != "mixed"]
+    rows += [(u, e["label"], e["balanced"], e["n"], "never calibrated on") for u, e in r["never_calibrated"].items()]
+    twins = r["held_out"].get(TWINS)
+    key = lambda t: t[2] if t[1] == 1 else 1 - t[2]  # noqa: E731
+    lines = ["| source | label | held out how | rows | fired at balanced |", "|---|---|---|---|---|"]
+    lines += [f"| {u} | {'harmful' if y else 'benign'} | {how} | {n} | {rate:.1%} |"
+              for u, y, rate, n, how in sorted(rows, key=key)]
+    if twins:
+        lines.append(f"| {TWINS} (word-matched twins) | both | left out of training in turn | {twins['n']} | "
+                     f"harmful {twins['fire_1']:.1%}, benign {twins['fire_0']:.1%} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["extract", "study"])
+    ap.add_argument("phase", choices=["extract", "study", "report"])
     ap.add_argument("--model", default="demo")
     ap.add_argument("--features", type=Path, default=None, help="default: ~/.cache/steerguard/study/MODEL")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 runs faster beside other jobs)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="POOL/READING@LAYERS/PROBE/C (e.g. default/last@20+24/logistic-erase4/0.05); repeatable; "
+                         "default: the layer sweep of the default probe")
     args = ap.parse_args()
     from steerguard.export.models import cache_dir
 
     folder = args.features or cache_dir() / "study" / args.model
-    if args.phase == "extract":
+    if args.phase == "report":
+        files = sorted(Path("docs").glob(f"guard_data_{args.model}*.json")) if args.out is None else [args.out]
+        print(report(files))
+        print()
+        print(per_source(files[0]))
+    elif args.phase == "extract":
         extract(args.model, folder, args.threads)
     else:
-        study(folder, args.out or Path(f"docs/guard_data_{args.model}.json"))
+        study(folder, args.out or Path(f"docs/guard_data_{args.model}.json"), parse_plan(args.variant) or None)
 
 
 if __name__ == "__main__":
