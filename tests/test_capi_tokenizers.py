@@ -160,9 +160,19 @@ def sentencepiece_variant(base: dict, kind: str) -> dict:
     return spec
 
 
+def added_token_soup(n: int = 5000, seed: int = 7) -> list[str]:
+    """Strings of added tokens, white space, byte-token look-alikes and words: where added tokens touch,
+    overlap once widened by lstrip/rstrip, and start or end the text."""
+    alphabet = ["<s>", "</s>", "<unk>", "<mask>", "[x]", "▁▁", "▁", " ", "  ", "\u00a0", "\n", "\n\n", "\t", "a",
+                "hello", "é", "e\u0301", "日本", "🙂", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>",
+                "<0x41>", "x", "The", "\r\n", "ab", "1", "23", "<bos>", "<table>", "[multimodal]"]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
-    return tokenizer_corpus()
+    return tokenizer_corpus() + added_token_soup()
 
 
 @pytest.fixture(scope="session")
@@ -265,11 +275,11 @@ SANITIZED_COMPARE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from test_capi_tokenizers import compare, tokenizer_corpus
+from test_capi_tokenizers import added_token_soup, compare, tokenizer_corpus
 from steerguard.runtime.native import NativeLibrary
 lib = NativeLibrary.load(sys.argv[2])
 corpus = tokenizer_corpus()
-corpus = corpus[::5] + corpus[-3:]   # every fifth string, and the three long single pieces
+corpus = corpus[::5] + corpus[-3:] + added_token_soup(1000)   # every fifth string, the three long pieces
 print(json.dumps({b: compare(lib, Path(b), corpus) for b in sys.argv[3:]}))
 """
 
@@ -331,7 +341,7 @@ def main() -> None:
     tok = tiny_tokenizer(["the carrier of other tokenizers"])
     carrier_bundle = export_bundle(LoadedModel(model=tiny_model("llama", 2048), tokenizer=tok, source="carrier",
                                                name="carrier", sha256="carrier"), None, work / "carrier", progress=False)
-    corpus = tokenizer_corpus()
+    corpus = tokenizer_corpus() + added_token_soup()
     trained_spec = train_sentencepiece_bpe(corpus[:4000])
     for family in ("llama", "qwen2"):   # test_capi's two byte-level tokenizers
         bpe_tokenizer(family, work / family)

@@ -1141,25 +1141,29 @@ static const added_token *find_added(const sg_tokenizer *t, const added_set *set
 
 typedef sg_status (*segment_fn)(const encoder *e, const char *text, size_t len, int at_origin);
 
-/* Cut text at the added tokens of `set` (their ids go out in place), handing the text between to `each`. */
+/* Cut text at the added tokens of `set` (their ids go out in place), handing the text between to `each`.
+ * As in tokenizers, the tokens are found first (leftmost, longest, each search going on where the last
+ * token ends) and widened over white space by lstrip/rstrip after: a widened token can overlap the next
+ * one, whose text then counts twice. */
 static sg_status split_added(const encoder *e, const added_set *set, const char *text, size_t len, int at_origin,
                              segment_fn each) {
-    size_t from = 0;
+    size_t search = 0, done = 0, n; /* done: where the last token, widened, ends */
     for (;;) {
         size_t at = len;
-        const added_token *a = find_added(e->t, set, text, len, from, &at);
-        size_t seg_end = at, next = a ? at + a->len : len;
-        size_t n;
-        if (a && a->lstrip)
-            while (seg_end > from && (n = space_before(text, from, seg_end))) seg_end -= n;
+        const added_token *a = find_added(e->t, set, text, len, search, &at);
+        size_t start = a ? at : len, stop = a ? at + a->len : len;
+        search = stop;
+        if (a && a->lstrip) {
+            while (start > 0 && (n = space_before(text, 0, start))) start -= n;
+            if (start < done) start = done;
+        }
         if (a && a->rstrip)
-            while (next < len && (n = space_at(text, len, next))) next += n;
-        sg_status st = seg_end > from ? each(e, text + from, seg_end - from, at_origin && from == 0) : SG_OK;
-        if (st != SG_OK) return st;
-        if (!a) return SG_OK;
+            while (stop < len && (n = space_at(text, len, stop))) stop += n;
+        sg_status st = start > done ? each(e, text + done, start - done, at_origin && done == 0) : SG_OK;
+        if (st != SG_OK || !a) return st;
         if (push_id(e->ids, e->count, e->cap, a->id))
             return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory while tokenizing");
-        from = next;
+        done = stop;
     }
 }
 
