@@ -242,7 +242,8 @@ def load_model(spec: str | os.PathLike | None = None) -> LoadedModel:
                 raise SteerguardError(f"{path} is a folder but not a Hugging Face model (no config.json)")
             folder, name = path, path.name
         elif path.exists():
-            raise SteerguardError(f"{path} is not a model: give a model folder, a .gguf file, 'demo' or 'reference'")
+            raise SteerguardError(f"{path} is not a model: give a model folder, a .gguf file or a named model "
+                                  f"({', '.join(NAMED_MODELS)})")
         elif os.sep in spec or spec.startswith("."):
             raise SteerguardError(f"{path} does not exist")
         else:
