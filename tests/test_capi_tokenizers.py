@@ -191,6 +191,28 @@ def test_sentencepiece_bpe_equals_tokenizers_on_the_corpus(native, carrier, trai
     assert got["encode_mismatches"] == 0 and got["decode_mismatches"] == 0, got
 
 
+@pytest.mark.parametrize("behavior", ["Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"])
+def test_every_split_behaviour_then_metaspace_equals_tokenizers(native, carrier, trained, behavior, tmp_path):
+    """Split by a string and by a regex, inverted or not, then Metaspace prepending to the first piece only:
+    short strings of spaces, words and `▁`, where pieces start, end and vanish."""
+    from tokenizers import Tokenizer
+
+    rng = random.Random(3)
+    alphabet = [" ", "  ", "a", "b", "▁", "x y", "\n", "é"]
+    strings = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) for _ in range(2000)]
+    for i, (invert, pattern) in enumerate((inv, pat) for inv in (False, True)
+                                          for pat in ({"String": " "}, {"Regex": "\\s+"})):
+        spec = sentencepiece_variant(trained, "metaspace")
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": pattern, "behavior": behavior, "invert": invert},
+            {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": True}]}
+        bundle = with_tokenizer(carrier, spec, tmp_path / str(i))
+        reference = Tokenizer.from_file(str(bundle / "tokenizer" / "tokenizer.json"))
+        with native.model(bundle, threads=1) as m:
+            bad = [t for t in strings if m.tokenize(t) != reference.encode(t, add_special_tokens=False).ids]
+        assert not bad, (invert, pattern, bad[:3])
+
+
 def test_the_trained_tokenizers_exercise_byte_fallback_and_unknowns(trained, corpus):
     """The corpus reaches the paths under test: characters outside the trained vocabulary (byte tokens),
     unknown tokens without byte fallback, and runs of byte tokens that are not UTF-8 when decoded."""

@@ -834,46 +834,31 @@ static int find_char(const char *c, size_t clen, const piece *p, span_list *out)
     return rc;
 }
 
-/* Cut p at its spans the way tokenizers' NormalizedString::split keeps delimiters. */
+/* Cut p at its spans the way tokenizers' NormalizedString::split keeps delimiters (MergedWithNext walks
+ * backwards, merging each delimiter into what follows it). */
 static int split_spans(const piece *p, span_list *s, split_behavior keep, int invert, piece_list *out) {
-    span_list merged = {0};
-    int rc = 0, previous_match = 0;
-    for (size_t i = 0; i < s->count && !rc; i++) {
-        span x = s->items[i];
+    span_list kept = {0};
+    int rc = 0, previous_match = 0, backwards = keep == KEEP_WITH_NEXT;
+    for (size_t k = 0; k < s->count && !rc; k++) {
+        span x = s->items[backwards ? s->count - 1 - k : k];
         if (invert) x.match = !x.match;
-        span *last = merged.count ? &merged.items[merged.count - 1] : NULL;
-        int join = keep == KEEP_CONTIGUOUS      ? x.match == previous_match
-                   : keep == KEEP_WITH_PREVIOUS ? x.match && !previous_match
-                                                : 0;
-        if (join && last)
+        span *last = kept.count ? &kept.items[kept.count - 1] : NULL;
+        int join = keep == KEEP_CONTIGUOUS                                 ? x.match == previous_match
+                   : keep == KEEP_WITH_PREVIOUS || keep == KEEP_WITH_NEXT ? x.match && !previous_match
+                                                                           : 0;
+        if (join && last && backwards)
+            last->start = x.start;
+        else if (join && last)
             last->end = x.end;
         else
-            rc = spans_push(&merged, x.start, x.end, keep == KEEP_REMOVED && x.match);
+            rc = spans_push(&kept, x.start, x.end, keep == KEEP_REMOVED && x.match);
         previous_match = x.match;
     }
-    if (keep == KEEP_WITH_NEXT) { /* tokenizers walks backwards, merging each delimiter into what follows it */
-        merged.count = 0;
-        previous_match = 0;
-        for (size_t i = s->count; i-- > 0 && !rc;) {
-            span x = s->items[i];
-            if (invert) x.match = !x.match;
-            if (x.match && !previous_match && merged.count)
-                merged.items[merged.count - 1].start = x.start;
-            else
-                rc = spans_push(&merged, x.start, x.end, 0);
-            previous_match = x.match;
-        }
-        for (size_t i = 0; i < merged.count / 2; i++) {
-            span tmp = merged.items[i];
-            merged.items[i] = merged.items[merged.count - 1 - i];
-            merged.items[merged.count - 1 - i] = tmp;
-        }
-    }
-    for (size_t i = 0; i < merged.count && !rc; i++) {
-        const span *x = &merged.items[i];
+    for (size_t k = 0; k < kept.count && !rc; k++) {
+        const span *x = &kept.items[backwards ? kept.count - 1 - k : k];
         if (!x->match) rc = pieces_push(out, p->data + x->start, x->end - x->start, p->at_origin && x->start == 0);
     }
-    free(merged.items);
+    free(kept.items);
     return rc;
 }
 
