@@ -128,15 +128,17 @@ PEERS = {"qwen3": ("yes", "yes"), "llama3": ("yes", "yes"), "granite": ("yes", "
 def write_table(data: dict, path: Path) -> None:
     """The measured table (with the peers' columns) between the markers of docs/MODELS.md."""
     lines = ["| family | export fp32 / int8 / int4 | greedy identical (fp32) | max fp32 logit diff | max risk diff "
-             "| guard fired fp32 / int8 / int4 | int8 / int4 decisions = fp32 | C tokens equal (fp32 / int4) "
-             "| onnxruntime-genai builder | llama.cpp |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| guard fired fp32 / int8 / int4 | int8 / int4 decisions = fp32 | int8 / int4 logit corr. with fp32 "
+             "| C tokens equal (fp32 / int4) | onnxruntime-genai builder | llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         n, f = r["prompts"], r["family"]
         genai, llama_cpp = PEERS[f]
+        corr = " / ".join(f"{r['logit_corr'][k]:.3f}" for k in ("int8", "int4")) if r.get("logit_corr") else "-"
         lines.append(
             f"| {NAMES[f]} (`{r['config']['model_type']}`) | yes / yes / yes | {r['identical']}/{n} | {r['max_logit_diff']:.1e} "
             f"| {r['max_risk_diff']:.1e} | {r['fired']['fp32']} / {r['fired']['int8']} / {r['fired']['int4']} "
-            f"| {r['agree']['int8']}/{n} / {r['agree']['int4']}/{n} "
+            f"| {r['agree']['int8']}/{n} / {r['agree']['int4']}/{n} | {corr} "
             f"| {r['c_identical']['fp32']}/{n} / {r['c_identical']['int4']}/{n} | {genai} | {llama_cpp} |")
     runs = sorted({(r["command"], r["machine"]) for r in data["rows"]})
     dates = sorted(r["date"] for r in data["rows"])
