@@ -121,8 +121,9 @@ def test_risk_matches_the_prober_on_transformers_states_for_text_image_and_both(
     inputs = llava.hf_inputs(llava.wide)
     with torch.no_grad():
         states = llava.lm.model(**inputs, output_hidden_states=True).hidden_states
+    row = states[p.layer][0].numpy()
     start = gm.prepare(ask(str(llava.wide))).user_start      # a per-token prober reads the user's turn
-    with_image = float(p.prompt_risk([states[p.layer][0, start:].numpy()])[0])
+    with_image = float(p.prompt_risk([row[start:]])[0] if p.per_token else p.risk(row[-1:])[0])
     assert abs(gm.score(ask(str(llava.wide))) - with_image) <= 1e-4
     text_only = gm.score(QUESTION)
     assert abs(text_only - with_image) > 1e-3   # the image is part of what the guard judges
