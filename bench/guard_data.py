@@ -69,9 +69,9 @@ def never_calibrated_sets() -> list[PromptSet]:
             load_prompts(SHARED / "tovilag" / "toxic_text_500.jsonl", 1, "query", "caption", "tovilag")]
 
 
-def rows_of_study() -> list[dict]:
+def rows_of_study(pairs_per_source: int = PAIRS_PER_SOURCE, per_source: int = PER_SOURCE) -> list[dict]:
     """Every prompt of the study with its source, label, group and (pairs) validation flag."""
-    cfg = CalibrationConfig(max_per_source=PAIRS_PER_SOURCE)
+    cfg = CalibrationConfig(max_per_source=pairs_per_source)
     table = CalibrationTable.build(CalibrationData(pairs=default_pairs(), extra=[]), cfg)
     rows = [{"prompt": t, "label": int(y), "source": str(s), "group": "pairs", "val": bool(v)}
             for t, y, s, v in zip(table.texts, table.labels, table.sources, table.val)]
@@ -79,14 +79,14 @@ def rows_of_study() -> list[dict]:
     for group, sets in (("alpaca", default_benign()), ("public", public_sets()), ("shared", shared_sets()),
                         ("never", never_calibrated_sets())):
         for s in sets:
-            s = s.sample(PER_SOURCE, cfg.seed) if not s.source.startswith("eval_") else s
+            s = s.sample(per_source, cfg.seed) if not s.source.startswith("eval_") else s
             val = rng.random(len(s.prompts)) < cfg.val_fraction
             rows += [{"prompt": p, "label": s.label, "source": s.source, "group": group, "val": bool(v)}
                      for p, v in zip(s.prompts, val)]
     return rows
 
 
-def extract(model: str, folder: Path, threads: int = 2) -> None:
+def extract(model: str, folder: Path, threads: int = 2, sizes: tuple[int, int] = (PAIRS_PER_SOURCE, PER_SOURCE)) -> None:
     import torch
 
     from steerguard.export.models import load_model
@@ -94,7 +94,7 @@ def extract(model: str, folder: Path, threads: int = 2) -> None:
 
     torch.set_num_threads(threads)
     lm = load_model(model)
-    rows = rows_of_study()
+    rows = rows_of_study(*sizes)
     folder.mkdir(parents=True, exist_ok=True)
     sources = list(dict.fromkeys(r["source"].rstrip("+-") for r in rows))
     n, layers = len(rows), lm.num_layers + 1
@@ -173,7 +173,7 @@ def tau_at(score: np.ndarray, label: np.ndarray, source: np.ndarray, fpr: float)
     return float(candidates[ok[-1]]) if len(ok) else float(candidates[0]) + 1e-6
 
 
-def run_variant(st: Study, pool: str, reading: tuple, probe: str, c: float) -> dict:
+def run_variant(st: Study, pool: str, reading: tuple, probe: str, c: float, only_public: bool = False) -> dict:
     x = st.reading(*reading)
     kind, _, erase = probe.partition("-erase")
     fit = {"logistic": fit_logistic, "mlp": fit_mlp}[kind]
@@ -181,6 +181,8 @@ def run_variant(st: Study, pool: str, reading: tuple, probe: str, c: float) -> d
     if pool.endswith("-nostyled"):     # without the style-augmented copies of the pairs
         in_pool &= ~np.char.endswith(np.char.rstrip(st.source, "+-"), "-styled")
     units = sorted(set(st.unit[in_pool]))
+    if only_public:     # a slow probe: hold out only the public sets and the twins
+        units = [u for u in units if u == TWINS or (st.group[st.unit == u] == "public").all()]
     held: dict = {}
     pooled_s, pooled_y, pooled_fire = [], [], []
 
@@ -242,12 +244,13 @@ def summary(r: dict) -> dict:
             "harmful_below_80": sorted(u for u, v in harmful.items() if v < 0.8)}
 
 
-def study(folder: Path, out: Path, plan: list[tuple] | None = None) -> list[dict]:
+def study(folder: Path, out: Path, plan: list[tuple] | None = None, only_public: bool = False) -> list[dict]:
     st = Study(folder)
     results = []
     for pool, reading, probe, c in plan or default_plan(st):
         t = time.time()
-        r = run_variant(st, pool, reading, probe, c)
+        r = run_variant(st, pool, reading, probe, c, only_public)
+        r["held_out_units"] = "public sets and twins" if only_public else "every source"
         r["summary"], r["seconds"] = summary(r), time.time() - t
         results.append(r)
         sm = r["summary"]
@@ -324,6 +327,9 @@ def main() -> None:
     ap.add_argument("--features", type=Path, default=None, help="default: ~/.cache/steerguard/study/MODEL")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 runs faster beside other jobs)")
+    ap.add_argument("--only-public", action="store_true", help="hold out only the public sets and the twins (slow probes)")
+    ap.add_argument("--pairs-per-source", type=int, default=PAIRS_PER_SOURCE)
+    ap.add_argument("--per-source", type=int, default=PER_SOURCE)
     ap.add_argument("--variant", action="append", default=[],
                     help="POOL/READING@LAYERS/PROBE/C (e.g. default/last@20+24/logistic-erase4/0.05); repeatable; "
                          "default: the layer sweep of the default probe")
@@ -337,9 +343,9 @@ def main() -> None:
         print()
         print(per_source(files[0]))
     elif args.phase == "extract":
-        extract(args.model, folder, args.threads)
+        extract(args.model, folder, args.threads, (args.pairs_per_source, args.per_source))
     else:
-        study(folder, args.out or Path(f"docs/guard_data_{args.model}.json"), parse_plan(args.variant) or None)
+        study(folder, args.out or Path(f"docs/guard_data_{args.model}.json"), parse_plan(args.variant) or None, args.only_public)
 
 
 if __name__ == "__main__":
