@@ -46,6 +46,7 @@ def bundles(tmp_path_factory):
     lm = load_model("demo")
     guard = calibrate(lm, CalibrationData.default(),
                       CalibrationConfig(max_per_source=60, refusal_targets=120, refusal_epochs=4), progress=False)
+    guard.prober.tau = guard.prober.operating_points["strict"]["tau"]   # a small calibration: its strict point
     root = tmp_path_factory.mktemp("serve-demo")
     return (export_bundle(lm, guard, root / "fp32", progress=False),
             export_bundle(lm, None, root / "plain", progress=False))
