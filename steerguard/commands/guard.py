@@ -171,7 +171,7 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
     --operating-point; the report reads every operating point on this run's risks (a table, and marked on
     roc.png)."""
     torch_threads()
-    from ..export.data import data_path, drop_calibration_overlap, load_prompts
+    from ..export.data import drop_calibration_overlap, evaluation_sets
     from ..export.evaluate import BundleRunner, TorchRunner, evaluate, write_report
     from ..export.guard import Guard
     from ..export.models import load_model
@@ -189,9 +189,7 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
             if operating_point is not None else (guard.prober.tau, named)
     sets = [_prompt_set(f, 1) for f in harmful_files] + [_prompt_set(f, 0) for f in benign_files]
     if not sets:
-        sets = [load_prompts(data_path("eval", "harmful_heldout.jsonl"), 1),
-                load_prompts(data_path("eval", "sounds_dangerous.jsonl"), 0),
-                load_prompts(data_path("eval", "benign_conversational.jsonl"), 0)]
+        sets = evaluation_sets()
     # drop first, then sample, so --limit counts prompts that are really held out
     dropped = {} if keep_overlap else drop_calibration_overlap(sets)
     for s in sets:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import SteerguardError
 from .augment import augment_pairs
-from .data import Pair, Prompt, PromptSet, data_path, default_benign, default_pairs, load_prompts, public_sets
+from .data import Pair, Prompt, PromptSet, default_benign, default_pairs, evaluation_sets, public_sets
 from .guard import Guard
 from .hidden import template_suffix_len
 from .prober import (DEFAULT_ERASE_SOURCES, DEFAULT_FEATURE, DEFAULT_PROBE, TOKEN_FEATURES, Prober, auroc, pair_subspace,
@@ -285,12 +285,6 @@ def roc_table(risk: np.ndarray, labels: np.ndarray, points: int = 200) -> dict:
     return {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist(),
             "tau": np.clip(tau[keep], 0, 1).round(6).tolist(), "auroc": auroc(risk, labels),
             "tpr_at_1pct_fpr": tpr_at_fpr(risk, labels, 0.01), "rows": int(len(labels))}
-
-
-def evaluation_sets() -> list[PromptSet]:
-    """The shipped evaluation sets (never calibrated on): the fire rate each operating point gives on them."""
-    return [load_prompts(data_path("eval", f"{name}.jsonl"), label, source=name)
-            for name, label in (("harmful_heldout", 1), ("sounds_dangerous", 0), ("benign_conversational", 0))]
 
 
 def add_evaluation_fire_rates(prober: Prober, lm, cfg: "CalibrationConfig", progress: bool) -> None:

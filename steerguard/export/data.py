@@ -285,3 +285,10 @@ def public_sets() -> list[PromptSet]:
             raise SteerguardError(f"{f}: expected one label, 0 or 1, for every row; found {sorted(map(str, labels))}")
         sets.append(PromptSet(f.stem, labels.pop(), [field_text(row, "prompt", f, n) for n, row in enumerate(rows, 1)]))
     return sets
+
+
+def evaluation_sets() -> list[PromptSet]:
+    """The shipped evaluation sets, never calibrated on: held-out harmful requests, benign requests that sound
+    dangerous, benign conversational requests (each named after its file)."""
+    return [load_prompts(data_path("eval", f"{name}.jsonl"), label)
+            for name, label in (("harmful_heldout", 1), ("sounds_dangerous", 0), ("benign_conversational", 0))]
