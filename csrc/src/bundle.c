@@ -150,10 +150,13 @@ static sg_status read_operating_points(sg_bundle *b, const cJSON *guard) {
     return SG_OK;
 }
 
+/* tokenizer.chat_pieces: the template as text pieces and the rules it needs; a rule this library does not
+ * know, or a piece missing, leaves has_chat 0 (sg_generate then says the bundle has no chat pieces). */
 static sg_status read_chat(sg_bundle *b, const cJSON *pieces) {
-    if (!cJSON_IsObject(pieces)) return SG_OK; /* older bundles, or a template that is not plain pieces */
+    if (!cJSON_IsObject(pieces)) return SG_OK; /* older bundles, or a template that does not fit pieces */
     const cJSON *open = cJSON_GetObjectItemCaseSensitive(pieces, "open");
     const cJSON *close = cJSON_GetObjectItemCaseSensitive(pieces, "close");
+    const cJSON *system = cJSON_GetObjectItemCaseSensitive(pieces, "system");
     sg_chat_pieces *c = &b->chat;
     c->head = dup_str(pieces, "head");
     c->head_system = dup_str(pieces, "head_system");
@@ -163,8 +166,14 @@ static sg_status read_chat(sg_bundle *b, const cJSON *pieces) {
     c->close_system = dup_str(close, "system");
     c->close_user = dup_str(close, "user");
     c->close_assistant = dup_str(close, "assistant");
-    b->has_chat = c->head && c->head_system && c->generation_prompt && c->open_user && c->open_assistant &&
-                  c->close_system && c->close_user && c->close_assistant;
+    c->system_separator = dup_str(pieces, "system_separator");
+    c->trim = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(pieces, "trim"));
+    c->alternate = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(pieces, "alternate"));
+    c->fold = cJSON_IsString(system) && !strcmp(system->valuestring, "fold");
+    int known_system = !system || c->fold;
+    int system_pieces = c->fold ? c->system_separator != NULL : c->head_system && c->close_system;
+    b->has_chat = known_system && system_pieces && c->head && c->generation_prompt && c->open_user &&
+                  c->open_assistant && c->close_user && c->close_assistant;
     return SG_OK;
 }
 
@@ -311,7 +320,8 @@ void sg_bundle_free(sg_bundle *b) {
     free(b->precision);
     sg_chat_pieces *c = &b->chat;
     char *pieces[] = {c->head,           c->head_system,  c->generation_prompt, c->open_user,
-                      c->open_assistant, c->close_system, c->close_user,        c->close_assistant};
+                      c->open_assistant, c->close_system, c->close_user,        c->close_assistant,
+                      c->system_separator};
     for (size_t i = 0; i < sizeof pieces / sizeof *pieces; i++) free(pieces[i]);
     memset(b, 0, sizeof *b);
 }

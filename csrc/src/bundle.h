@@ -18,6 +18,11 @@ typedef struct {
     char *head, *head_system, *generation_prompt;
     char *open_user, *open_assistant;
     char *close_system, *close_user, *close_assistant;
+    /* rules (steerguard/export/chat_pieces.py), all off in a bundle without them */
+    int trim;               /* strip every content as Python's str.strip() does, but a folded system prompt */
+    int fold;               /* the system prompt + system_separator open the first message after it */
+    char *system_separator; /* fold only; head_system and close_system are then absent */
+    int alternate;          /* turns after the system message must go user, assistant, user, ... */
 } sg_chat_pieces;
 
 typedef struct {

@@ -1,15 +1,76 @@
 /* Text in and out: chat messages rendered with the template's pieces, tokenization, detokenization. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "model.h"
+
+/* The template refuses turns that do not alternate (Gemma's raises an exception): so does the library. */
+static sg_status check_alternation(const sg_message *msgs, size_t n) {
+    size_t first = !strcmp(msgs[0].role, "system");
+    for (size_t i = first; i < n; i++) {
+        const char *want = (i - first) % 2 ? "assistant" : "user";
+        if (strcmp(msgs[i].role, want))
+            return sg_fail(SG_ERR_INVALID_ARGUMENT,
+                           "message %zu: role '%s'; this model's chat template needs user and assistant "
+                           "turns to alternate, starting with user",
+                           i, msgs[i].role);
+    }
+    return SG_OK;
+}
+
+/* White space as Python's str.isspace() sees it, which is what Jinja's `trim` (str.strip()) removes. */
+static int is_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x20) || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
+}
+
+/* The code point of the valid UTF-8 sequence at s, and its length in bytes. */
+static uint32_t code_point(const unsigned char *s, size_t *length) {
+    if (s[0] < 0x80) return *length = 1, s[0];
+    if (s[0] < 0xe0) return *length = 2, (uint32_t)(s[0] & 0x1f) << 6 | (s[1] & 0x3f);
+    if (s[0] < 0xf0) return *length = 3, (uint32_t)(s[0] & 0x0f) << 12 | (uint32_t)(s[1] & 0x3f) << 6 | (s[2] & 0x3f);
+    *length = 4;
+    return (uint32_t)(s[0] & 0x07) << 18 | (uint32_t)(s[1] & 0x3f) << 12 | (uint32_t)(s[2] & 0x3f) << 6 | (s[3] & 0x3f);
+}
+
+/* How many bytes of white space open s[0, len) (valid UTF-8). */
+static size_t space_prefix(const unsigned char *s, size_t len) {
+    size_t start = 0, length;
+    while (start < len && is_space(code_point(s + start, &length))) start += length;
+    return start;
+}
+
+/* Where the white space that closes s[start, end) begins. */
+static size_t space_suffix_start(const unsigned char *s, size_t start, size_t end) {
+    size_t length;
+    while (end > start) {
+        size_t lead = end - 1;
+        while (lead > start && (s[lead] & 0xc0) == 0x80) lead--;
+        if (!is_space(code_point(s + lead, &length))) break;
+        end = lead;
+    }
+    return end;
+}
+
+/* A content as the template writes it: whole, or (trim) without white space at either end. */
+static int append_content(sg_buf *b, const char *content, int trim) {
+    const unsigned char *s = (const unsigned char *)content;
+    size_t start = 0, end = strlen(content);
+    if (trim) {
+        start = space_prefix(s, end);
+        end = space_suffix_start(s, start, end);
+    }
+    return sg_buf_append(b, content + start, end - start);
+}
 
 static sg_status validate_messages(const sg_model *m, const sg_message *msgs, size_t n) {
     if (!msgs || !n) return sg_fail(SG_ERR_INVALID_ARGUMENT, "no chat messages given");
     if (!m->bundle.has_chat)
         return sg_fail(SG_ERR_UNSUPPORTED,
                        "%s: the manifest has no chat pieces (an older export, or a chat template "
-                       "that is not plain text pieces); re-export the bundle, or pass token ids",
+                       "that does not reduce to text pieces and their rules); re-export the bundle, or pass "
+                       "token ids",
                        m->bundle.root);
     for (size_t i = 0; i < n; i++) {
         const char *role = msgs[i].role, *content = msgs[i].content;
@@ -23,32 +84,40 @@ static sg_status validate_messages(const sg_model *m, const sg_message *msgs, si
         size_t len = strlen(content), valid = sg_utf8_valid_prefix(content, len);
         if (valid != len)
             return sg_fail(SG_ERR_INVALID_ARGUMENT, "message %zu is not valid UTF-8 (at byte %zu)", i, valid);
-        if (!strcmp(role, "user") && strspn(content, " \t\n\r\v\f") == len)
+        if (!strcmp(role, "user") && space_prefix((const unsigned char *)content, len) == len)
             return sg_fail(SG_ERR_INVALID_ARGUMENT, "the prompt is empty");
     }
-    return SG_OK;
+    return m->bundle.chat.alternate ? check_alternation(msgs, n) : SG_OK;
 }
 
-/* The chat rendered with the template's pieces (steerguard/export/chat_pieces.py: render_pieces); with
- * `upto_last_user`, only what comes before the last user message's content. */
+/* The chat rendered with the template's pieces and rules (steerguard/export/chat_pieces.py: render_pieces);
+ * with `upto_last_user`, only what comes before the last user message's content. */
 static int render_chat(const sg_chat_pieces *c, const sg_message *msgs, size_t n, int upto_last_user, sg_buf *b) {
     size_t last_user = n;
     for (size_t i = 0; i < n; i++)
         if (!strcmp(msgs[i].role, "user")) last_user = i;
-    size_t i = 0;
+    size_t first = 0;
     int rc = 0;
+    const char *folded = NULL; /* a system prompt that opens the first turn after it */
     if (!strcmp(msgs[0].role, "system")) {
-        rc |= sg_buf_append_str(b, c->head_system) | sg_buf_append_str(b, msgs[0].content) |
-              sg_buf_append_str(b, c->close_system);
-        i = 1;
+        first = 1;
+        if (c->fold) {
+            rc |= sg_buf_append_str(b, c->head);
+            folded = msgs[0].content;
+        } else {
+            rc |= sg_buf_append_str(b, c->head_system) | append_content(b, msgs[0].content, c->trim) |
+                  sg_buf_append_str(b, c->close_system);
+        }
     } else {
         rc |= sg_buf_append_str(b, c->head);
     }
-    for (; i < n; i++) {
+    for (size_t i = first; i < n; i++) {
         int user = !strcmp(msgs[i].role, "user");
         rc |= sg_buf_append_str(b, user ? c->open_user : c->open_assistant);
+        if (folded && i == first) rc |= sg_buf_append_str(b, folded) | sg_buf_append_str(b, c->system_separator);
         if (upto_last_user && i == last_user) return rc;
-        rc |= sg_buf_append_str(b, msgs[i].content) | sg_buf_append_str(b, user ? c->close_user : c->close_assistant);
+        rc |= append_content(b, msgs[i].content, c->trim) |
+              sg_buf_append_str(b, user ? c->close_user : c->close_assistant);
     }
     return rc | (upto_last_user ? 0 : sg_buf_append_str(b, c->generation_prompt));
 }

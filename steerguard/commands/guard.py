@@ -59,8 +59,8 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
               caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
               probe, max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, seed):
     """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
-    local HF cache, or a named model fetched once into ~/.cache/steerguard: 'demo' (SmolLM2-135M-Instruct) or
-    'reference' (Qwen2.5-Coder-0.5B-Instruct).
+    local HF cache, or a named model fetched once into ~/.cache/steerguard: 'demo' (SmolLM2-135M-Instruct),
+    'reference' (Qwen2.5-Coder-0.5B-Instruct) or 'gemma3-270m' (Gemma 3 270M, the pretrained base model).
 
     Writes the SAS curve (JSON + PNG), the prober, the refusal head and metrics to -o DIR.
     """
