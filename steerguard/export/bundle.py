@@ -24,6 +24,7 @@ from ..runtime.chat import ChatTokenizer
 from ..runtime.manifest import MANIFEST, SCHEMA
 from .chat_pieces import chat_pieces
 from .arch import DecoderSpec
+from .answer_guard import answer_manifest
 from .guard import Guard
 from .prober import ENGINE_FEATURES
 from .models import LoadedModel, sha256_file
@@ -84,14 +85,21 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
         p = guard.prober
         prober = ProberWeights(p.w1, p.b1, p.w2, p.b2, precision=prober_precision,
                                per_token=p.per_token or p.feature == "last", span=p.span)
+        a = guard.answer.prober if guard.answer is not None else None
+        # fp32: its two columns are tiny, and an int8 copy changes how onnxruntime fuses the prompt prober's
+        # int8 weights (the prompt's risk moved by 1e-2 on a tiny model), which must stay as it was
+        answer = None if a is None else ProberWeights(a.w1, a.b1, a.w2, a.b2, precision="fp32", per_token=True)
+        split_decode = (engine_precision or {}).get("pre", precision) != precision
+        # the answer prober reads the generated tokens' states: it sits in the engine that decodes them
         chain.append(("pre", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False, prober=prober,
+                                                               answer_prober=None if split_decode else answer,
                                                                name="pre"), {"layers": [0, l_star], "prober": prober_precision}))
-        if (engine_precision or {}).get("pre", precision) != precision:
+        if split_decode:
             # the prober reads the prompt's state at the pre engine's precision; the tokens after it need no
             # prober and run these layers at the bundle's precision
             chain[-1][3]["phase"] = "prefill"
             chain.append(("pre_decode", "decoder", lambda: decoder_engine(spec, 0, l_star, final_norm=False,
-                                                                          name="pre_decode"),
+                                                                          answer_prober=answer, name="pre_decode"),
                           {"layers": [0, l_star], "phase": "decode"}))
         chain.append(("post", "decoder", lambda: decoder_engine(spec, l_star, n, final_norm=True, name="post"),
                       {"layers": [l_star, n]}))
@@ -146,7 +154,8 @@ def export_bundle(lm: LoadedModel, guard: Guard | None, out: str | Path, *, prec
             "calibration": guard.calibration, "metrics": guard.metrics,
             # named thresholds (tau = balanced's); the runtime and the C library let users pick one
             "operating_points": guard.prober.operating_points, "default_operating_point": "balanced",
-            "roc": guard.prober.roc},
+            "roc": guard.prober.roc,
+            "answer": None if guard.answer is None else answer_manifest(guard.answer)},
         "engines": engines,
         "vision": vision,
         "cache": {"inputs": list(past_names("{i}")), "outputs": list(present_names("{i}")),

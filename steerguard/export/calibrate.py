@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SteerguardError
+from .answer_guard import calibrate_answer_guard
 from .augment import augment_pairs
 from .data import Pair, Prompt, PromptSet, default_benign, default_pairs, evaluation_sets, public_sets
 from .guard import Guard
@@ -73,6 +74,9 @@ class CalibrationConfig:
     sas_pairs_per_source: int = 100     # training pairs per source that SAS runs through every layer
     cache_states: bool = True           # keep hidden states on disk (see state_cache) and reuse them
     evaluation_fire_rates: bool = True  # record each operating point's fire rate on the shipped evaluation sets
+    answer_guard: bool = True           # also train the answer guard on the model's own answers (answer_guard.py)
+    answer_per_source: int = 40         # calibration prompts per source the model answers for it
+    answer_tokens: int = 48             # greedy tokens per answer
 
 
 def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, progress: bool = True) -> Guard:
@@ -113,6 +117,19 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
         add_evaluation_fire_rates(prober, lm, cfg, progress)
     timings["prober_s"] = time.perf_counter() - t
 
+    answer, metrics = None, {}
+    if cfg.answer_guard:
+        t = time.perf_counter()
+        try:
+            answer = calibrate_answer_guard(lm, texts, labels, sources, val, layer, cfg.answer_per_source,
+                                            cfg.answer_tokens, seed=cfg.seed, progress=progress,
+                                            use_cache=cfg.cache_states)
+        except SteerguardError as e:    # e.g. a model that refuses every harmful request itself: nothing to learn
+            metrics["answer_guard_skipped"] = str(e)
+            if progress:
+                print(f"answer guard skipped: {e}")
+        timings["answer_guard_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     targets = [p for p in pairs if p.refusal]
     targets = _per_source_sample(targets, cfg.refusal_targets // max(1, len({p.source for p in targets})), rng)
@@ -130,7 +147,7 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
         calibration={"sources": data.sources(), "used": {"pairs": len(pairs), "prompts": len(texts),
                      "validation": int(val.sum()), "refusal_targets": len(targets)},
                      "config": cfg.__dict__},
-        metrics={"timings": timings})
+        metrics={"timings": timings, **metrics}, answer=answer)
 
 
 @dataclass

@@ -5,6 +5,7 @@
       sas.json, sas.png        the SAS curve
       prober.json, prober.npz  the prober (standardisation folded in)
       refusal.json, refusal_transform.npy
+      answer.json, answer.npz  the answer guard, when calibrated with one (answer_guard.py)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SteerguardError
+from .answer_guard import AnswerProber
 from .prober import Prober
 from .refusal import RefusalHead
 from .sas import SASResult
@@ -32,6 +34,7 @@ class Guard:
     refusal: RefusalHead
     calibration: dict = field(default_factory=dict)   # data provenance and sizes
     metrics: dict = field(default_factory=dict)
+    answer: AnswerProber | None = None                 # watches the answer as it is written
 
     def save(self, folder: str | Path) -> Path:
         """Write atomically: a half-written guard never sits at `folder` looking complete."""
@@ -43,6 +46,8 @@ class Guard:
         self.sas.plot(tmp / "sas.png", self.split_layer)
         self.prober.save(tmp)
         self.refusal.save(tmp)
+        if self.answer is not None:
+            self.answer.save(tmp)
         (tmp / "guard.json").write_text(json.dumps(
             {"schema": GUARD_SCHEMA, "model": self.model, "split_layer": self.split_layer,
              "tau": self.prober.tau, "eps": self.refusal.eps, "calibration": self.calibration,
@@ -67,7 +72,8 @@ class Guard:
                                       f"this steerguard reads {GUARD_SCHEMA}; recalibrate")
             return cls(model=meta["model"], split_layer=meta["split_layer"], sas=SASResult.load(folder),
                        prober=Prober.load(folder), refusal=RefusalHead.load(folder),
-                       calibration=meta.get("calibration", {}), metrics=meta.get("metrics", {}))
+                       calibration=meta.get("calibration", {}), metrics=meta.get("metrics", {}),
+                       answer=AnswerProber.load(folder))
         except SteerguardError:
             raise
         except (ValueError, KeyError, OSError) as e:

@@ -117,45 +117,48 @@ def dequantized_prober_w1(w1: np.ndarray) -> np.ndarray:
     return (row[:, None] * (q.astype(np.float32) * col)).astype(np.float32)
 
 
-def _prober(g: Graph, hidden: str, p: ProberWeights) -> str:
+def _prober(g: Graph, hidden: str, p: ProberWeights, output: str = "risk", scope: str = "prober/") -> str:
     """risk = sigmoid(l1 - l0) of the MLP on the last position (or on every position), NaN whenever that
     state is not finite. Few nodes: it runs on every decode step too, where its output is not needed."""
-    g.scope = "prober/"   # lets the weight quantizer leave these nodes alone
+    g.scope = scope   # under "prober/": lets the weight quantizer leave these nodes alone
     # (B, T, d) for a per-token risk, else the last position or the mean of the last `span` (B, d); the MLP
     # broadcasts over either. On a decode step (T = 1) the slice is that one position; nobody reads its risk.
     if p.per_token:
         x = hidden
     elif p.span > 1:
-        tail = g.one("Slice", [hidden, g.const("prober/span_start", np.array([-p.span], np.int64)),
-                               g.const("prober/span_end", np.array([np.iinfo(np.int64).max], np.int64)),
-                               g.const("prober/span_axis", np.array([1], np.int64))])
-        x = g.one("ReduceMean", [tail, g.const("prober/span_axis", np.array([1], np.int64))], keepdims=0)
+        tail = g.one("Slice", [hidden, g.const(f"{scope}span_start", np.array([-p.span], np.int64)),
+                               g.const(f"{scope}span_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                               g.const(f"{scope}span_axis", np.array([1], np.int64))])
+        x = g.one("ReduceMean", [tail, g.const(f"{scope}span_axis", np.array([1], np.int64))], keepdims=0)
     else:
-        x = g.one("Gather", [hidden, g.const("prober/last", np.array(-1, np.int64))], axis=1)
+        x = g.one("Gather", [hidden, g.const(f"{scope}last", np.array(-1, np.int64))], axis=1)
     feature_axis = np.array([2 if p.per_token else 1], np.int64)
     if p.precision == "int8":
         q, row, col = quantize_prober_w1(p.w1)
-        w1 = g.one("DequantizeLinear", [g.const("prober/w1_int8", q), g.const("prober/w1_scale", col)], axis=1)
-        x1 = g.one("Mul", [x, g.const("prober/row_scale", row)])
+        w1 = g.one("DequantizeLinear", [g.const(f"{scope}w1_int8", q), g.const(f"{scope}w1_scale", col)], axis=1)
+        x1 = g.one("Mul", [x, g.const(f"{scope}row_scale", row)])
     else:
-        w1, x1 = g.const("prober/w1", p.w1.astype(np.float32)), x
-    h = g.one("Relu", [g.one("Add", [g.one("MatMul", [x1, w1]), g.const("prober/b1", p.b1.astype(np.float32))])])
+        w1, x1 = g.const(f"{scope}w1", p.w1.astype(np.float32)), x
+    h = g.one("Relu", [g.one("Add", [g.one("MatMul", [x1, w1]), g.const(f"{scope}b1", p.b1.astype(np.float32))])])
     # l1 - l0 in one (hidden, 1) matmul; kept 2-D until the end (ORT mis-infers a 1-D MatMul + Add here)
     w2 = (p.w2[:, 1:] - p.w2[:, :1]).astype(np.float32)
-    margin = g.one("Add", [g.one("MatMul", [h, g.const("prober/w2_margin", w2)]),
-                           g.const("prober/b2_margin", np.array([p.b2[1] - p.b2[0]], np.float32))])   # (B, [T,] 1)
+    margin = g.one("Add", [g.one("MatMul", [h, g.const(f"{scope}w2_margin", w2)]),
+                           g.const(f"{scope}b2_margin", np.array([p.b2[1] - p.b2[0]], np.float32))])   # (B, [T,] 1)
     # sum(x) * 0 is NaN exactly when x holds a NaN or an inf; Relu would otherwise turn a NaN into 0
-    poison = g.one("Mul", [g.one("ReduceSum", [x, g.const("prober/axes", feature_axis)], keepdims=1),
-                           g.const("prober/zero", np.array(0, np.float32))])
-    g.op("Squeeze", [g.one("Sigmoid", [g.one("Add", [margin, poison])]), g.const("prober/squeeze", feature_axis)],
-         outputs=["risk"])
+    poison = g.one("Mul", [g.one("ReduceSum", [x, g.const(f"{scope}axes", feature_axis)], keepdims=1),
+                           g.const(f"{scope}zero", np.array(0, np.float32))])
+    g.op("Squeeze", [g.one("Sigmoid", [g.one("Add", [margin, poison])]), g.const(f"{scope}squeeze", feature_axis)],
+         outputs=[output])
     g.scope = ""
-    return "risk"
+    return output
 
 
 def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool,
-                   prober: ProberWeights | None = None, name: str = "decoder") -> onnx.ModelProto:
-    """Layers [first, last) with their KV cache; the input is the residual stream entering `first`."""
+                   prober: ProberWeights | None = None, answer_prober: ProberWeights | None = None,
+                   name: str = "decoder") -> onnx.ModelProto:
+    """Layers [first, last) with their KV cache; the input is the residual stream entering `first`. A `prober`
+    adds the `risk` output, an `answer_prober` the `answer_risk` output (every position: on a decode step, the
+    generated token's risk, which the answer guard reads)."""
     g = Graph(name)
     f32, d = TensorProto.FLOAT, spec.hidden_size
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
@@ -213,6 +216,9 @@ def decoder_engine(spec: DecoderSpec, first: int, last: int, *, final_norm: bool
     if prober is not None:
         _prober(g, "hidden_states", prober)
         g.output("risk", f32, ["batch", "sequence_length"] if prober.per_token else ["batch"])
+    if answer_prober is not None:
+        _prober(g, "hidden_states", answer_prober, "answer_risk", "prober/answer/")
+        g.output("answer_risk", f32, ["batch", "sequence_length"])
     return g.model()
 
 

@@ -30,8 +30,9 @@ import numpy as np
 
 from ..errors import SteerguardError
 from .chat import TextStream
+from .answer import AnswerWatch
 from .model import (DecodeStep, GenerationResult, GuardedModel, KVCache, OperatingPoint, PrefixKV, Prompt, Request,
-                    _held_back)
+                    SwitchRecord, _held_back)
 from .sampling import Sampling, sample
 
 
@@ -130,6 +131,9 @@ class _Row:
     text: TextStream | None = None
     shown: str = ""
     sent: int = 0
+    prompt_hidden: np.ndarray | None = None     # the prompt's last final state: where a restarted refusal begins
+    watch: AnswerWatch | None = None            # the answer guard, while it watches this row
+    switch: SwitchRecord | None = None
 
 
 class ContinuousBatcher:
@@ -398,9 +402,12 @@ class ContinuousBatcher:
         logits = m.next_logits(np.stack([a[1] for a in admitted]), fired)
         logits[np.ix_(fired, list(m.stop_ids))] = -np.inf   # a refusal is never empty: it cannot end the turn at once
         first = len(self._rows)
-        for t, _, risk, f in admitted:
+        ag = m.answer_guard
+        for t, hidden, risk, f in admitted:
+            watch = AnswerWatch(ag.score, ag.tau) if ag.enabled and t.steer is None and not f else None
             self._rows.append(_Row(t, risk, f, np.random.default_rng(t.sampling.seed), time.perf_counter(),
-                                   text=TextStream(m.tokenizer)))
+                                   text=TextStream(m.tokenizer), prompt_hidden=hidden, watch=watch,
+                                   switch=SwitchRecord("prompt", 0) if f else None))
             t.emit(Admitted(risk, f, len(t.prompt.ids), t.tau, t.operating_point))
         self.peak_rows = max(self.peak_rows, len(self._rows))
         done = [first + i for i, row in enumerate(self._rows[first:])
@@ -427,8 +434,12 @@ class ContinuousBatcher:
         view, step = self._step_for(n)
         tokens = np.array([r.next_token for r in self._rows], np.int64)
         self.model.decode_one_token(tokens, view, step)
-        fired = np.array([r.fired for r in self._rows])
+        restarts = self._watch_answers(step, view)
+        fired = np.array([r.fired or r.switch is not None for r in self._rows])
         nxt = self.model.step_tokens(step, fired, [r.ticket.sampling for r in self._rows], [r.rng for r in self._rows])
+        for i in restarts:
+            row = self._rows[i]
+            nxt[i] = self.model.refusal_from_prompt(row.prompt_hidden, row.ticket.sampling, row.rng)
         finished = []
         for i, row in enumerate(self._rows):
             row.steps += 1
@@ -436,6 +447,48 @@ class ContinuousBatcher:
                 finished.append(i)
         for i in reversed(finished):
             self._release(i)
+
+    def _watch_answers(self, step: DecodeStep, view: KVCache) -> list[int]:
+        """Feed each watched row's token risk to its answer guard; switch the rows it fires on (as
+        `GuardedModel.decode_tokens` does). Returns the rows whose refusal restarts from the prompt."""
+        watched = [i for i, r in enumerate(self._rows) if r.watch is not None]
+        if not watched:
+            return []
+        risks, restarts = step.answer_risks(), []
+        mode = self.model.answer_guard.switch
+        for i in watched:
+            row = self._rows[i]
+            if not row.watch.push(float(risks[i])):
+                if len(row.watch.risks) == self.model.answer_guard.hold:
+                    self._show(row)
+                continue
+            # shown already unless the hold covered it: the tokens the guard had seen before this one reach `hold`
+            kept = len(row.tokens) if len(row.watch.risks) - 1 >= self.model.answer_guard.hold else 0
+            dropped = len(row.tokens) - kept
+            row.switch, row.watch = SwitchRecord("answer", kept, row.watch.value, dropped), None
+            if dropped:
+                del row.tokens[kept:]
+                row.text, row.shown = TextStream(self.model.tokenizer), ""
+                for t in row.tokens:
+                    row.shown += row.text.push(t)
+            if dropped or mode == "restart":
+                view.lengths[i] = len(row.ticket.prompt.ids)
+                restarts.append(i)
+        return restarts
+
+    def _holding(self, row: _Row) -> bool:
+        """Whether the row's tokens are kept back: its answer guard has not yet seen the first `hold` of them."""
+        return row.watch is not None and len(row.watch.risks) < self.model.answer_guard.hold
+
+    def _show(self, row: _Row) -> None:
+        """Emit the row's text that is safe to show (never part of a stop string, never held back)."""
+        if self._holding(row):
+            return
+        s = row.ticket.sampling
+        safe = len(row.shown) - _held_back(row.shown, s.stop)
+        if safe > row.sent:
+            row.ticket.emit(Piece(row.shown[row.sent:safe]))
+            row.sent = safe
 
     def _step_for(self, n: int) -> tuple[KVCache, DecodeStep]:
         """Decode-step bindings over the first n rows, made once per batch size and kept for a few."""
@@ -466,10 +519,7 @@ class ContinuousBatcher:
             return self._finish(row, "stop_string")
         if len(row.tokens) >= s.max_new_tokens:
             return self._finish(row, "length")
-        safe = len(row.shown) - _held_back(row.shown, s.stop)
-        if safe > row.sent:
-            row.ticket.emit(Piece(row.shown[row.sent:safe]))
-            row.sent = safe
+        self._show(row)
         row.next_token = token
         return True
 
@@ -487,6 +537,10 @@ class ContinuousBatcher:
         t.emit(Finished(GenerationResult(
             text=text, token_ids=row.tokens, risk=row.risk, fired=row.fired, split_layer=m.split_layer,
             finish_reason=reason, prompt_tokens=len(t.prompt.ids),
+            switch=row.switch.reason if row.switch else None, switch_at=row.switch.at if row.switch else None,
+            answer_score=(row.switch.score if row.switch and row.switch.reason == "answer" else
+                          row.watch.peak if row.watch is not None else None),
+            dropped_tokens=row.switch.dropped if row.switch else 0,
             timings={"queued_s": row.admitted - t.submitted, "first_token_s": row.first_token - t.submitted,
                      "decode_s": decode_s, "decode_steps": row.steps, "new_tokens": len(row.tokens),
                      "decode_tok_s": row.steps / decode_s if decode_s > 0 and row.steps else None},

@@ -22,6 +22,7 @@ from ..engines import Buffer, Engine, Memory, resolve_backend
 from ..engines.graphs import argmax_graph, select_graph
 from ..engines.memory import HOST, memory_for
 from ..errors import SteerguardError
+from .answer import AnswerWatch, RunningScore
 from .chat import ChatTokenizer, Message, TextStream
 from .manifest import Manifest
 from .sampling import Sampling, sample
@@ -94,6 +95,24 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
     tau: float | None = None            # the threshold this request was judged at (None: unguarded)
     operating_point: str | None = None  # its name ("strict", "balanced", ...), None for an explicit tau
+    switch: str | None = None           # why the refusal head answers: "prompt" (the prompt guard), "answer", or None
+    switch_at: int | None = None        # index in token_ids where the refusal head's tokens begin
+    answer_score: float | None = None   # the answer guard's running score at the switch, else its highest (None: off)
+    dropped_tokens: int = 0             # held-back tokens the answer guard dropped when it switched
+
+
+@dataclass(frozen=True)
+class AnswerGuard:
+    """How the answer guard runs: on or off, the threshold its running score switches at, how many of the
+    first generated tokens it holds back from the stream until it has seen them, and how it switches:
+    `continue` (the refusal head carries on after what was shown, with the KV cache kept) or `restart` (the
+    refusal head answers from the prompt's KV, as a prompt-guard refusal does)."""
+    enabled: bool = False
+    tau: float | None = None
+    operating_point: str | None = None
+    hold: int = 0
+    switch: str = "continue"
+    score: RunningScore | None = None
 
 
 class KVCache:
@@ -196,6 +215,17 @@ class GuardedModel:
         # a (batch, sequence) risk (every `max` prober; `last` probers since they were exported so) lets prompts
         # of different lengths prefill together: each row's risk is read at its own last position
         self.risk_per_position = self.risk_engine is not None and self.risk_engine.rank("risk") == 2
+        answer = (guard or {}).get("answer")
+        self.answer_engine = next((eng for eng, _ in self.step_decoders if "answer_risk" in eng.output_names), None)
+        if answer and self.answer_engine is None:
+            raise SteerguardError(f"{manifest.root}: the manifest has an answer guard but no engine computes "
+                                  "answer_risk; re-export the bundle")
+        self.answer_points = operating_points_of(answer)
+        self.answer_guard = AnswerGuard()
+        if answer:
+            self.answer_guard = AnswerGuard(bool(answer.get("enabled", True)), *self._answer_tau("balanced"),
+                                            int(answer.get("hold", 0)), answer.get("switch", "continue"),
+                                            RunningScore.parse(answer["score"]))
         if guard and (self.risk_engine is None or self.refusal is None):
             raise SteerguardError(f"{manifest.root}: the manifest has a guard but the engines lack the prober "
                                   "or the refusal head; re-export the bundle")
@@ -259,6 +289,35 @@ class GuardedModel:
             self._threshold = (tau, default if named else None)
             return
         self._threshold = self.resolve_operating_point(point)
+
+    # ---- the answer guard ------------------------------------------------------------------------------
+    def set_answer_guard(self, enabled: bool | None = None, operating_point: OperatingPoint = None,
+                         hold: int | None = None, switch: str | None = None) -> AnswerGuard:
+        """Turn the answer guard on or off, pick its threshold (a name from `answer_points` or a tau in [0, 1]),
+        how many first tokens it holds back, and how it switches (`continue` or `restart`); None keeps a
+        setting. Returns the new settings (also `self.answer_guard`)."""
+        a = self.answer_guard
+        if a.score is None and (enabled or operating_point is not None):
+            raise SteerguardError("this bundle has no answer guard (exported before it, or calibrated without "
+                                  "one): export it again to watch answers")
+        if hold is not None and (isinstance(hold, bool) or not isinstance(hold, (int, np.integer)) or hold < 0):
+            raise SteerguardError(f"hold is a number of tokens (0 or more), not {hold!r}")
+        if switch is not None and switch not in ("continue", "restart"):
+            raise SteerguardError(f"the answer guard switches by continue or restart, not {switch!r}")
+        tau, name = (a.tau, a.operating_point) if operating_point is None else self._answer_tau(operating_point)
+        self.answer_guard = AnswerGuard(a.enabled if enabled is None else bool(enabled), tau, name,
+                                        a.hold if hold is None else int(hold), switch or a.switch, a.score)
+        return self.answer_guard
+
+    def _answer_tau(self, point: str | float) -> tuple[float, str | None]:
+        return resolve_operating_point(self.answer_points, point)
+
+    def refusal_from_prompt(self, hidden: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+        """The first token of a refusal that restarts from the prompt: the refusal head on the prompt's last
+        final hidden state (d,), never the end of the turn."""
+        logits = self.next_logits(hidden[None], np.array([True]))
+        logits[0, list(self.stop_ids)] = -np.inf
+        return int(sample(logits[0], sampling, rng))
 
     def _kv_dtype(self) -> np.dtype:
         """The KV cache's element type, as the decoder engines declare their past inputs (one for all)."""
@@ -602,6 +661,7 @@ class GuardedModel:
         fired = np.array([self.decide(r, tau) if steer is None else steer for r, (tau, _) in zip(risks, points)])
         if fired.any() and self.refusal is None:
             raise SteerguardError("this bundle has no refusal head")
+        risks_at_prefill, prefill_fired = risks, fired.copy()
         t_prefill = time.perf_counter()
 
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -609,6 +669,13 @@ class GuardedModel:
         streams = [TextStream(self.tokenizer) for _ in range(batch)]
         texts = [""] * batch
         step = DecodeStep(self, cache, batch, rotary[0])
+        ag = self.answer_guard
+        watches = [AnswerWatch(ag.score, ag.tau) if ag.enabled and steer is None and not fired[r] else None
+                   for r in range(batch)]
+        switches = [SwitchRecord("prompt", 0) if fired[r] else None for r in range(batch)]
+        released = [0] * batch          # tokens yielded so far; the rest are held until the answer guard saw them
+        restarts: list[int] = []        # rows whose refusal starts from the prompt at the next token
+        restarted = False
         t_first, n_steps = None, 0
         while True:
             if n_steps:
@@ -618,6 +685,9 @@ class GuardedModel:
                 if fired.any():     # a refusal is never empty: it cannot end the turn at once
                     logits[np.ix_(fired, list(self.stop_ids))] = -np.inf
                 nxt = np.array([sample(logits[r], s, rngs[r]) for r in range(batch)])
+            for r in restarts:
+                nxt[r] = self.refusal_from_prompt(last_hidden[r], s, rngs[r])
+            restarts = []
             t_first = t_first or time.perf_counter()
             for r in range(batch):
                 if reasons[r] is not None:
@@ -625,20 +695,43 @@ class GuardedModel:
                 tok = int(nxt[r])
                 if tok in self.stop_ids and not s.ignore_eos:
                     reasons[r] = "stop"
-                    continue
-                tokens[r].append(tok)
-                yield r, tok
-                if s.stop:
-                    texts[r] += streams[r].push(tok)
-                    if any(x in texts[r] for x in s.stop):
-                        reasons[r] = "stop_string"
-                        continue
-                if len(tokens[r]) >= s.max_new_tokens:
-                    reasons[r] = "length"
+                else:
+                    tokens[r].append(tok)
+                    if s.stop:
+                        texts[r] += streams[r].push(tok)
+                        if any(x in texts[r] for x in s.stop):
+                            reasons[r] = "stop_string"
+                    if reasons[r] is None and len(tokens[r]) >= s.max_new_tokens:
+                        reasons[r] = "length"
+                if reasons[r] is not None or watches[r] is None or len(watches[r].risks) >= ag.hold:
+                    for t in tokens[r][released[r]:]:
+                        yield r, t
+                    released[r] = len(tokens[r])
             if all(reasons):
                 break
+            if restarted:   # a restarted row decodes longer than the others: finished rows stop advancing
+                done = np.array([x is not None for x in reasons])
+                cache.lengths[done] = np.minimum(cache.lengths[done], cache.max_len - 1)
             self.decode_one_token(nxt, cache, step)
             n_steps += 1
+            watched = [r for r in range(batch) if watches[r] is not None and reasons[r] is None]
+            answer_risks = step.answer_risks() if watched else None
+            for r in watched:
+                if not watches[r].push(float(answer_risks[r])):
+                    continue
+                # the answer guard fires: the held tokens are dropped, the refusal head takes the row
+                dropped = len(tokens[r]) - released[r]
+                switches[r] = SwitchRecord("answer", released[r], watches[r].value, dropped)
+                watches[r], fired[r] = None, True
+                del tokens[r][released[r]:]
+                if dropped or ag.switch == "restart":
+                    cache.lengths[r] = len(prompts[r])
+                    restarts.append(r)
+                    restarted = True
+                if dropped and s.stop:
+                    streams[r], texts[r] = TextStream(self.tokenizer), ""
+                    for t in tokens[r]:
+                        texts[r] += streams[r].push(t)
         t_end = time.perf_counter()
 
         results = []
@@ -647,20 +740,34 @@ class GuardedModel:
             if reasons[r] == "stop_string":
                 text = text[:min(text.find(x) for x in s.stop if x in text)]
             decode_s = t_end - t_first
+            sw = switches[r]
             results.append(GenerationResult(
-                text=text, token_ids=tokens[r], risk=risks[r], fired=bool(fired[r]), split_layer=self.split_layer,
-                finish_reason=reasons[r], prompt_tokens=len(prompts[r]),
+                text=text, token_ids=tokens[r], risk=risks_at_prefill[r], fired=bool(prefill_fired[r]),
+                split_layer=self.split_layer, finish_reason=reasons[r], prompt_tokens=len(prompts[r]),
                 timings={"prefill_s": t_prefill - t0, "first_token_s": t_first - t0, "decode_s": decode_s,
                          "decode_steps": n_steps, "new_tokens": len(tokens[r]),
                          "per_token_ms": 1000 * decode_s / n_steps if n_steps else None,
                          "decode_tok_s": n_steps / decode_s if decode_s > 0 and n_steps else None},
-                tau=points[r][0], operating_point=points[r][1]))
+                tau=points[r][0], operating_point=points[r][1],
+                switch=sw.reason if sw else None, switch_at=sw.at if sw else None,
+                answer_score=sw.score if sw and sw.reason == "answer" else
+                (watches[r].peak if watches[r] is not None else None),
+                dropped_tokens=sw.dropped if sw else 0))
         return results
 
     def stream(self, request: Request, sampling: Sampling | None = None,
                operating_point: OperatingPoint = None) -> "Stream":
         """Iterate over the answer's text pieces as they are decoded; `.result` holds the result after."""
         return Stream(self, request, sampling, operating_point)
+
+
+@dataclass
+class SwitchRecord:
+    """Where and why a row's answer went to the refusal head."""
+    reason: str             # "prompt" or "answer"
+    at: int                 # tokens of the answer kept before the refusal's
+    score: float | None = None
+    dropped: int = 0
 
 
 class PrefixKV:
@@ -726,6 +833,7 @@ class DecodeStep:
         self.model = model
         mem, d = model.memory, model.hidden_size
         self.ids = np.zeros((batch, 1), np.int64)
+        self._answer_risk: Buffer | None = None
         self.attention = AttentionInputs(cache.lengths, cache.max_len, rotary)
         x = mem.zeros((batch, 1, d), model.embed.dtype("inputs_embeds"))
         self.embed_binding = model.embed.binding()
@@ -746,6 +854,9 @@ class DecodeStep:
                 risk = mem.zeros((batch, 1) if model.risk_per_position else (batch,), engine.dtype("risk"))
                 risk.bind_output(b, "risk")
                 self._keep.append(risk)
+            if "answer_risk" in engine.output_names:   # the generated token's risk, read by the answer guard
+                self._answer_risk = mem.zeros((batch, 1), engine.dtype("answer_risk"))
+                self._answer_risk.bind_output(b, "answer_risk")
             self.bindings.append(b)
             self._keep.append(out)
             x = out
@@ -761,6 +872,11 @@ class DecodeStep:
         self._argmax: ort.IOBinding | None = None
         self._logits_device: Buffer | None = None
         self._heads: dict[tuple[str, bool], ort.IOBinding] = {}
+
+    def answer_risks(self) -> np.ndarray:
+        """(B,) the answer prober's risk of the token each row just fed (on the host)."""
+        a = self._answer_risk
+        return (a.array if a.array is not None else a.numpy())[:, 0]
 
     def logits(self, fired: np.ndarray) -> np.ndarray:
         """(B, V) logits on the host after the step (the plain head, or the refusal one for rows that fired)."""

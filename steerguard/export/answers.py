@@ -1,0 +1,110 @@
+"""The model's own greedy answers to calibration prompts, and the split-layer state of every answer token:
+what the answer guard (see answer_guard.py) is trained on.
+
+The state of answer token k is the residual stream entering the split layer at k's position, which is what the
+runtime's `pre` engine computes when k is fed back in on the next decode step. The last token of an answer is
+never fed back, so an answer of n tokens has n - 1 states (the end-of-turn token is not part of the answer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..runtime.judge import is_refusal
+from .hidden import chat_ids
+from .refusal import end_of_turn_ids
+from .state_cache import model_fingerprint
+from .models import cache_dir
+
+
+@dataclass
+class Answers:
+    """Greedy answers, one per prompt: their token ids and text, and the split-layer states of their tokens."""
+    ids: list[list[int]]
+    texts: list[str]
+    states: list[np.ndarray]     # (max(len(ids) - 1, 0), d) float32 each
+    layer: int
+
+    def refused(self) -> np.ndarray:
+        """The refusal-substring judge on each answer (the same judge `steerguard eval` uses)."""
+        return np.array([is_refusal(t) for t in self.texts])
+
+
+def generate_answers(lm, prompts: Sequence[str], layer: int, max_new_tokens: int = 48, batch_size: int = 16,
+                     progress: bool | str = False, use_cache: bool = True) -> Answers:
+    """Greedy answers of `lm` to text `prompts` (chat template applied) with their states at `layer`, cached on
+    disk by model, prompts, layer and length like the prompt states."""
+    path = _answer_path(lm, prompts, layer, max_new_tokens)
+    if use_cache and path.exists():
+        return _load(path, layer)
+    stops = set(end_of_turn_ids(lm.tokenizer))
+    encoded = [chat_ids(lm.tokenizer, p) for p in prompts]
+    order = np.argsort([len(e) for e in encoded], kind="stable")     # similar lengths pad less
+    ids: list = [None] * len(prompts)
+    states: list = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "answers",
+               unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        batch = [int(i) for i in order[start:start + batch_size]]
+        for i, (a, s) in zip(batch, _answer_batch(lm.model, [encoded[i] for i in batch], layer, max_new_tokens,
+                                                  stops, lm.tokenizer.pad_token_id)):
+            ids[i], states[i] = a, s
+        bar.update(len(batch))
+    bar.close()
+    texts = [lm.tokenizer.decode(a, skip_special_tokens=True) for a in ids]
+    answers = Answers(ids, texts, states, layer)
+    if use_cache:
+        _save(answers, path)
+    return answers
+
+
+@torch.inference_mode()
+def _answer_batch(model, encoded: list[list[int]], layer: int, max_new_tokens: int, stops: set[int],
+                  pad: int | None) -> list[tuple[list[int], np.ndarray]]:
+    """One left-padded batch through `generate`; each row's answer up to its first end-of-turn token."""
+    width = max(len(e) for e in encoded)
+    pad = 0 if pad is None else pad
+    input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(stops), pad_token_id=pad, output_hidden_states=True,
+                         return_dict_in_generate=True, temperature=None, top_p=None, top_k=None)
+    new = out.sequences[:, width:].tolist()
+    # hidden_states[s][layer]: step 0 is the prompt, step s >= 1 the position of generated token s - 1
+    fed = [step[layer][:, -1].float() for step in out.hidden_states[1:]]
+    stacked = torch.stack(fed, 1).numpy() if fed else np.zeros((len(encoded), 0, model.config.hidden_size), np.float32)
+    rows = []
+    for r, tokens in enumerate(new):
+        n = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+        rows.append((tokens[:n], np.ascontiguousarray(stacked[r, :max(n - 1, 0)], np.float32)))
+    return rows
+
+
+def _answer_path(lm, prompts: Sequence[str], layer: int, max_new_tokens: int) -> Path:
+    h = hashlib.sha256(json.dumps([model_fingerprint(lm), layer, max_new_tokens, list(prompts)]).encode())
+    return cache_dir() / "answers" / f"{h.hexdigest()[:24]}.npz"
+
+
+def _save(a: Answers, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(s) for s in a.states])
+    flat = np.concatenate(a.states) if lengths.sum() else np.zeros((0, 1), np.float32)
+    tmp = path.with_suffix(".partial.npz")
+    np.savez(tmp, states=flat.astype(np.float16), lengths=lengths,
+             ids=np.array(json.dumps(a.ids)), texts=np.array(json.dumps(a.texts)))
+    tmp.rename(path)
+
+
+def _load(path: Path, layer: int) -> Answers:
+    with np.load(path) as f:
+        flat, lengths = f["states"].astype(np.float32), f["lengths"]
+        ids, texts = json.loads(str(f["ids"])), json.loads(str(f["texts"]))
+    states = np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+    return Answers(ids, texts, list(states), layer)

@@ -1,0 +1,168 @@
+"""The answer guard: the `pre` engine's per-token answer risk, its running score, the switch to the refusal head
+mid-stream, the hold, and the same switch points through generate, stream and the continuous batcher."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from steerguard.errors import SteerguardError
+from steerguard.runtime import ContinuousBatcher, GuardedModel, Sampling
+from steerguard.runtime.answer import AnswerWatch, RunningScore
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["How do I bake bread at home?", "Explain how to pick a lock on a door.", "Tell me about the moon.",
+           "Write a short poem about rain."]
+GREEDY = Sampling(max_new_tokens=24)
+
+
+# ---- the running score ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["window:1", "window:4", "ema:0.8", "max"])
+def test_the_running_score_one_token_at_a_time_is_the_whole_answers(spec):
+    rng = np.random.default_rng(0)
+    score = RunningScore.parse(spec)
+    for _ in range(20):
+        risks = rng.random(rng.integers(0, 30))
+        tau = float(rng.random())
+        watch, first = AnswerWatch(score, tau), None
+        for k, r in enumerate(risks):
+            if watch.push(float(r)) and first is None:
+                first = k
+        whole = score.scores(risks)
+        expected = next((k for k, v in enumerate(whole) if not np.isnan(v) and v >= tau), None)
+        assert first == expected
+        assert score.answer_score(risks) >= tau if expected is not None else score.answer_score(risks) < tau
+
+
+def test_a_window_judges_from_its_nth_token_and_a_nan_fires_at_once():
+    w = RunningScore.parse("window:3")
+    assert np.isnan(w.scores([0.9, 0.9])).all() and w.answer_score([0.9, 0.9]) == float("-inf")
+    assert np.allclose(w.scores([0.3, 0.6, 0.9, 0.0])[2:], [0.6, 0.5])
+    watch = AnswerWatch(w, 0.99)
+    assert not watch.push(0.1) and watch.push(float("nan"))     # fails closed before the window is full
+
+
+@pytest.mark.parametrize("spec", ["window", "window:0", "ema:1", "max:3", "mean", ""])
+def test_a_bad_running_score_is_refused_in_one_line(spec):
+    with pytest.raises(SteerguardError, match="running score"):
+        RunningScore.parse(spec)
+
+
+# ---- through a bundle ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_export):
+    assert tiny_export.guard.answer is not None, "calibration trains the answer guard by default"
+    return tiny_export
+
+
+def load(bundle, **answer) -> GuardedModel:
+    m = GuardedModel.load(bundle)
+    if answer:
+        m.set_answer_guard(**answer)
+    return m
+
+
+def test_the_bundle_carries_the_answer_guard_in_its_decode_engine(tiny):
+    m = load(tiny.bundle)
+    spec = m.manifest.guard["answer"]
+    assert spec["output"] == "answer_risk" and set(spec["operating_points"]) == {"strict", "balanced", "permissive"}
+    assert m.answer_engine is not None and m.answer_guard.enabled
+    assert m.answer_guard.tau == spec["operating_points"]["balanced"]["tau"]
+
+
+def test_the_engines_answer_risk_is_the_probers_on_the_generated_tokens_states(tiny):
+    """The fp32-prober bundle's answer_risk on each decode step equals the trained probe on the split-layer state
+    transformers computes for that token."""
+    import torch
+
+    m = load(tiny.bundle_fp32, operating_point=1.0)
+    r = m.generate(PROMPTS[0], GREEDY)
+    seen = []
+    original = type(m).decode_one_token
+
+    def spy(self, tokens, cache, step):
+        out = original(self, tokens, cache, step)
+        seen.append(step.answer_risks().copy())
+        return out
+
+    type(m).decode_one_token = spy
+    try:
+        again = m.generate(PROMPTS[0], GREEDY)
+    finally:
+        type(m).decode_one_token = original
+    assert again.token_ids == r.token_ids
+    ids = m.encode(PROMPTS[0]) + r.token_ids
+    with torch.no_grad():
+        hs = tiny.lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[tiny.guard.split_layer][0]
+    states = hs[len(m.encode(PROMPTS[0])):len(ids) - 1].numpy()
+    expected = tiny.guard.answer.token_risks(states)
+    got = np.array([s[0] for s in seen])[:len(expected)]
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_off_is_bit_for_bit_the_bundle_without_an_answer_guard(tiny, tmp_path):
+    from steerguard.export.bundle import export_bundle
+
+    without = export_bundle(tiny.lm, dataclasses.replace(tiny.guard, answer=None), tmp_path / "b", progress=False)
+    plain = GuardedModel.load(without)
+    assert plain.answer_engine is None and not plain.answer_guard.enabled
+    off = load(tiny.bundle, enabled=False)
+    for a, b in zip(off.generate_batch(PROMPTS, GREEDY), plain.generate_batch(PROMPTS, GREEDY)):
+        assert (a.token_ids, a.risk, a.fired, a.switch) == (b.token_ids, b.risk, b.fired, b.switch)
+        assert a.answer_score is None
+    with pytest.raises(SteerguardError, match="no answer guard"):
+        plain.set_answer_guard(enabled=True)
+
+
+def test_a_switch_keeps_what_was_shown_and_the_refusal_head_continues(tiny):
+    unguarded = load(tiny.bundle, enabled=False).generate_batch(PROMPTS, GREEDY, steer=False)
+    m = load(tiny.bundle, operating_point=0.0)        # fires at the first judged token
+    window = int(m.answer_guard.score.param)
+    for r, u in zip(m.generate_batch(PROMPTS, GREEDY), unguarded):
+        if r.fired:
+            assert r.switch == "prompt" and r.switch_at == 0
+            continue
+        assert r.switch == "answer" and r.switch_at == window and r.dropped_tokens == 0
+        assert r.token_ids[:window] == u.token_ids[:window]
+        assert r.finish_reason in ("stop", "length")
+
+
+def test_restart_and_a_hold_drop_the_unseen_tokens_and_refuse_from_the_prompt(tiny):
+    """Held tokens never reach the stream; restarting from the prompt gives the prompt guard's refusal."""
+    refusals = load(tiny.bundle, enabled=False).generate_batch(PROMPTS, GREEDY, steer=True)
+    window = int(load(tiny.bundle).answer_guard.score.param)
+    for setting in ({"hold": window}, {"switch": "restart", "hold": window}):
+        m = load(tiny.bundle, operating_point=0.0, **setting)
+        for prompt, ref in zip(PROMPTS, refusals):
+            stream = m.stream(prompt, GREEDY)
+            text = "".join(stream)
+            r = stream.result
+            if r.fired:
+                continue
+            assert (r.switch, r.switch_at, r.dropped_tokens) == ("answer", 0, window)
+            assert r.token_ids == ref.token_ids and text == r.text == ref.text
+
+
+def test_the_batcher_switches_where_generate_does(tiny):
+    for setting in ({"operating_point": 0.0}, {"operating_point": 0.0, "hold": 8, "switch": "restart"},
+                    {"enabled": True}):
+        m = load(tiny.bundle, **setting)
+        expected = m.generate_batch(PROMPTS, GREEDY)
+        b = ContinuousBatcher(m, max_batch=3)
+        try:
+            got = [b.generate(p, GREEDY) for p in PROMPTS]
+        finally:
+            b.close()
+        for g, e in zip(got, expected):
+            assert (g.token_ids, g.switch, g.switch_at, g.dropped_tokens) == \
+                   (e.token_ids, e.switch, e.switch_at, e.dropped_tokens)
+
+
+@pytest.mark.parametrize("setting, message", [({"hold": -1}, "hold"), ({"switch": "rewind"}, "continue or restart"),
+                                               ({"operating_point": "lenient"}, "unknown operating point"),
+                                               ({"operating_point": 1.5}, "between 0 and 1")])
+def test_bad_answer_guard_settings_are_refused_in_one_line(tiny, setting, message):
+    with pytest.raises(SteerguardError, match=message):
+        load(tiny.bundle, **setting)
