@@ -166,3 +166,47 @@ def test_the_batcher_switches_where_generate_does(tiny):
 def test_bad_answer_guard_settings_are_refused_in_one_line(tiny, setting, message):
     with pytest.raises(SteerguardError, match=message):
         load(tiny.bundle, **setting)
+
+
+# ---- the commands and the server -------------------------------------------------------------------------
+def test_run_reports_the_answer_guards_switch_and_inspect_shows_it(tiny):
+    import json
+
+    from click.testing import CliRunner
+
+    from steerguard.cli import main
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["run", str(tiny.bundle), "-p", PROMPTS[2], "--max-new-tokens", "16", "--json",
+                               "--answer-operating-point", "0", "--answer-hold", "8", "--answer-switch", "restart"])
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    assert (r["switch"], r["switch_at"], r["dropped_tokens"]) == ("answer", 0, 8) or r["fired"]
+    off = json.loads(runner.invoke(main, ["run", str(tiny.bundle), "-p", PROMPTS[2], "--max-new-tokens", "16",
+                                          "--json", "--answer-guard", "off"]).stdout)
+    assert off["switch"] in (None, "prompt") and off["answer_score"] is None
+    bad = runner.invoke(main, ["run", str(tiny.bundle), "-p", "hi", "--answer-operating-point", "lenient"])
+    assert bad.exit_code != 0 and "unknown operating point" in bad.output and "Traceback" not in bad.output
+    shown = runner.invoke(main, ["inspect", str(tiny.bundle)]).output
+    assert "answer   on by default" in shown and "window:8" in shown and "balanced" in shown
+
+
+def test_the_server_ends_a_switched_answer_with_content_filter(tiny):
+    from openai import OpenAI
+
+    from serving import Server
+
+    m = load(tiny.bundle, operating_point=0.0)
+    want = m.generate(PROMPTS[0], GREEDY)
+    with Server(tiny.bundle, "--answer-operating-point", "0", "--max-batch", "2") as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = [{"role": "user", "content": PROMPTS[0]}]
+        whole = client.chat.completions.create(model=m.manifest.model["name"], messages=chat,
+                                               max_tokens=GREEDY.max_new_tokens, temperature=0)
+        stream = list(client.chat.completions.create(model=m.manifest.model["name"], messages=chat, stream=True,
+                                                     max_tokens=GREEDY.max_new_tokens, temperature=0))
+    assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].message.content == want.text
+    answer = whole.model_extra["guard"]["answer"]
+    assert answer["switched"] is (want.switch == "answer") and answer["switch_at"] == want.switch_at
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+    assert stream[-1].choices[0].finish_reason == "content_filter"

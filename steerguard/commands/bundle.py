@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import SteerguardError
-from .options import (backend_options, decision, describe_point, load_bundle, operating_point_option,
+from .options import (answer_guard_options, backend_options, decision, describe_point, load_bundle, operating_point_option,
                       operating_point_table, sampling_options, torch_threads)
 
 
@@ -75,12 +75,13 @@ def export(model, out, guard_dir, unguarded, precision, block_size, head_block_s
 @sampling_options
 @backend_options
 @operating_point_option
+@answer_guard_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
-def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, operating_point, as_json):
+def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, operating_point, answer, as_json):
     """Answer PROMPT (with --image, about the image) with BUNDLE, streaming; ends with one line: risk,
     decision (at the threshold --operating-point picks), tokens/s. The guard judges the text and the images
     together."""
-    model = load_bundle(bundle, backend, fallback_cpu, operating_point)
+    model = load_bundle(bundle, backend, fallback_cpu, operating_point, answer)
     content = ([{"type": "image", "image": str(i)} for i in images] + [{"type": "text", "text": prompt}]
                if images else prompt)
     request = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
@@ -88,7 +89,9 @@ def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, operati
         r = model.generate(request, sampling)
         click.echo(json.dumps({"text": r.text, "risk": r.risk, "fired": r.fired, "split_layer": r.split_layer,
                                "tau": r.tau, "operating_point": r.operating_point, "finish_reason": r.finish_reason,
-                               "prompt_tokens": r.prompt_tokens, "timings": r.timings}))
+                               "prompt_tokens": r.prompt_tokens, "switch": r.switch, "switch_at": r.switch_at,
+                               "answer_score": r.answer_score, "dropped_tokens": r.dropped_tokens,
+                               "timings": r.timings}))
         return
     stream = model.stream(request, sampling)
     for piece in stream:
@@ -107,11 +110,12 @@ def run(bundle, prompt, images, system, sampling, backend, fallback_cpu, operati
 @sampling_options
 @backend_options
 @operating_point_option
-def chat(bundle, system, sampling, backend, fallback_cpu, operating_point):
+@answer_guard_options
+def chat(bundle, system, sampling, backend, fallback_cpu, operating_point, answer):
     """Multi-turn chat in the terminal. The guard judges every user turn (with the conversation so
     far, at the threshold --operating-point picks; /point NAME|TAU changes it); /reset starts over, /quit or
     Ctrl-D leaves."""
-    model = load_bundle(bundle, backend, fallback_cpu, operating_point)
+    model = load_bundle(bundle, backend, fallback_cpu, operating_point, answer)
     history = [{"role": "system", "content": system}] if system else []
     guard = (f"guarded at layer {model.split_layer}, {describe_point(model.tau, model.operating_point)}"
              if model.guarded else "unguarded")
@@ -175,6 +179,7 @@ def inspect(bundle, no_verify):
                    f"{g['feature']} token -> {g['prober_hidden']} -> 2 ({g['prober_precision']}), val AUROC "
                    f"{pm.get('val_auroc', float('nan')):.3f}")
         _print_operating_points(m)
+        _print_answer_guard(m)
         click.echo("SAS")
         scores = g["sas"]["scores"]
         top = max(scores)
@@ -195,6 +200,25 @@ def inspect(bundle, no_verify):
         extra = f", prober {e['prober']}" if "prober" in e else ""
         click.echo(f"  {e['name']:<8} {e['role']:<8} {e['precision']:<5} {size / 1e6:8.1f} MB  {layers}{extra}  "
                    f"in: {_names(e['inputs'])}  out: {_names(e['outputs'])}")
+
+
+def _print_answer_guard(m) -> None:
+    """The answer guard's running score, default settings and operating points (FPR: benign answers switched)."""
+    from ..runtime.model import operating_points_of
+
+    a = m.guard.get("answer")
+    if not a:
+        click.echo("answer   none (exported without an answer guard)")
+        return
+    met = a.get("metrics", {})
+    click.echo(f"answer   {'on' if a.get('enabled', True) else 'off'} by default (--answer-guard), score {a['score']} "
+               f"of the per-token risk, hold {a.get('hold', 0)}, switch {a.get('switch', 'continue')}; trained on "
+               f"{met.get('answers', '?')} answers ({met.get('complied', '?')} complying), val AUROC "
+               f"{met.get('val_auroc', float('nan')):.3f}")
+    click.echo("         operating points (--answer-operating-point; FPR = benign answers switched, TPR = complying "
+               "answers switched, on held-out calibration answers)")
+    for line in operating_point_table(operating_points_of(a), a.get("default_operating_point", "balanced")):
+        click.echo("       " + line)
 
 
 def _print_operating_points(m) -> None:

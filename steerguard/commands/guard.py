@@ -10,7 +10,7 @@ import click
 
 from ..errors import SteerguardError
 from ..export.prober import DEFAULT_ERASE_SOURCES, DEFAULT_FEATURE, DEFAULT_PROBE, PROBES
-from .options import check_output, operating_point_option, sampling_options, torch_threads
+from .options import answer_guard_options, check_output, operating_point_option, sampling_options, torch_threads
 
 
 @click.command()
@@ -161,8 +161,9 @@ def generate(model, guard_dir, prompt, sampling, as_json):
 @click.option("--risk-only", is_flag=True, help="Score the prober only; generate no answers.")
 @click.option("--keep-overlap", is_flag=True, help="Keep prompts that also appear in the calibration data.")
 @operating_point_option
+@answer_guard_options
 def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens, limit, risk_only, keep_overlap,
-             operating_point):
+             operating_point, answer):
     """Guarded vs unguarded ASR, false refusals and prober AUROC of a guard on MODEL (with --guard),
     or of a bundle from `steerguard export` (MODEL is the bundle folder; runs the engine chain).
 
@@ -179,6 +180,8 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
     from ..runtime.model import operating_points_of, resolve_operating_point
 
     bundle = (Path(model) / "manifest.json").exists()
+    if answer and not bundle:
+        raise SteerguardError("the answer guard runs in exported bundles: give a bundle folder as MODEL")
     if not bundle and guard_dir is None:
         raise SteerguardError("give --guard DIR, or a bundle folder as MODEL")
     guard = Guard.load(guard_dir) if guard_dir and not bundle else None
@@ -204,6 +207,8 @@ def eval_cmd(model, guard_dir, harmful_files, benign_files, out, max_new_tokens,
         if not gm.guarded:
             raise SteerguardError(f"{model} is an unguarded bundle; there is no guard to evaluate")
         gm.set_operating_point(operating_point)
+        if answer:
+            gm.set_answer_guard(**answer)
         runner, name, layer, tau = BundleRunner(gm), gm.manifest.model["name"], gm.split_layer, gm.tau
         points, point_name = gm.operating_points, gm.operating_point
     else:

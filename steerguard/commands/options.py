@@ -57,6 +57,36 @@ def operating_point_option(f):
                         help=OPERATING_POINT_HELP)(f)
 
 
+ANSWER_GUARD_HELP = ("Watch the answer as it is written and switch it to the refusal head when its running risk "
+                     "crosses the answer guard's threshold (default: what the bundle says; `steerguard inspect` "
+                     "shows it).")
+
+
+def answer_guard_options(f):
+    """--answer-guard on|off, --answer-operating-point, --answer-hold, --answer-switch -> one `answer` dict of
+    the settings given (GuardedModel.set_answer_guard's arguments)."""
+    opts = [click.option("--answer-guard", "answer_guard", type=click.Choice(["on", "off"]), default=None,
+                         help=ANSWER_GUARD_HELP),
+            click.option("--answer-operating-point", type=OperatingPointType(), default=None,
+                         help="The answer guard's threshold: strict, balanced (default), permissive, or a tau."),
+            click.option("--answer-hold", type=click.IntRange(min=0), default=None,
+                         help="Keep the first N answer tokens back until the answer guard has seen them (a "
+                              "switch then drops them); 0 streams at once (the default)."),
+            click.option("--answer-switch", type=click.Choice(["continue", "restart"]), default=None,
+                         help="On a switch the refusal head continues after what was shown (default), or restarts "
+                              "from the prompt.")]
+
+    def wrapper(*args, answer_guard, answer_operating_point, answer_hold, answer_switch, **kw):
+        answer = {"enabled": None if answer_guard is None else answer_guard == "on",
+                  "operating_point": answer_operating_point, "hold": answer_hold, "switch": answer_switch}
+        return f(*args, answer={k: v for k, v in answer.items() if v is not None}, **kw)
+
+    functools.update_wrapper(wrapper, f)
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def backend_options(f):
     """--backend and --fallback-cpu, passed on as `backend` and `fallback_cpu`."""
     f = click.option("--fallback-cpu", is_flag=True, help="Run on the CPU when the backend is not available here.")(f)
@@ -64,10 +94,13 @@ def backend_options(f):
                         show_default=True, help="Where the engines run.")(f)
 
 
-def load_bundle(bundle: Path, backend: str = "cpu", fallback_cpu: bool = False, operating_point=None):
+def load_bundle(bundle: Path, backend: str = "cpu", fallback_cpu: bool = False, operating_point=None,
+                answer: dict | None = None):
     from ..runtime.model import GuardedModel
 
     model = GuardedModel.load(bundle, backend=backend, fallback_to_cpu=fallback_cpu, operating_point=operating_point)
+    if answer:
+        model.set_answer_guard(**answer)
     if model.backend != backend:
         click.echo(f"note: {backend} is not available here; running on the cpu (--fallback-cpu)", err=True)
     return model
@@ -80,7 +113,14 @@ def decision(model, result) -> str:
     verdict = "REFUSAL HEAD" if result.fired else "pass"
     tau = model.tau if result.tau is None else result.tau
     point = f", {result.operating_point}" if result.operating_point else ""
-    return f"risk {result.risk:.3f} (tau {tau:.3f}{point}) -> {verdict}"
+    line = f"risk {result.risk:.3f} (tau {tau:.3f}{point}) -> {verdict}"
+    if result.switch == "answer":
+        dropped = f", {result.dropped_tokens} held tokens dropped" if result.dropped_tokens else ""
+        line += (f"; answer guard switched to the REFUSAL HEAD after token {result.switch_at} "
+                 f"(score {result.answer_score:.3f} >= {model.answer_guard.tau:.3f}{dropped})")
+    elif result.answer_score is not None:
+        line += f"; answer guard {result.answer_score:.3f} < {model.answer_guard.tau:.3f}"
+    return line
 
 
 def describe_point(tau: float | None, name: str | None) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import SteerguardError
-from .options import backend_options, describe_point, operating_point_option
+from .options import answer_guard_options, backend_options, describe_point, operating_point_option
 
 
 @click.command()
@@ -37,13 +37,15 @@ from .options import backend_options, describe_point, operating_point_option
 @click.option("--log-requests", is_flag=True, help="Log every request (uvicorn's access log).")
 @backend_options
 @operating_point_option
+@answer_guard_options
 def serve(bundle, host, port, max_batch, max_queue, prefill_tokens, no_prefix_cache, max_len, api_key, model_name, image_root, max_body_mb,
-          max_image_mb, log_requests, backend, fallback_cpu, operating_point):
+          max_image_mb, log_requests, backend, fallback_cpu, operating_point, answer):
     """Serve BUNDLE through the OpenAI API: /v1/chat/completions (streaming too), /v1/completions,
     /v1/moderations (the guard's prober alone), /v1/models and /health. Each answer carries the guard's
     risk and decision in a `guard` field; a refused request ends with finish_reason "content_filter".
     --operating-point sets the guard's threshold; a request may ask for another with the extension field
-    `operating_point` (a name or a tau)."""
+    `operating_point` (a name or a tau). The answer guard (--answer-guard) watches each answer as it is
+    written; an answer it switches to the refusal head also ends with finish_reason "content_filter"."""
     from ..serve import serve as run_server
 
     if max_batch < 1 or max_queue < 0 or prefill_tokens < 1 or (max_len is not None and max_len < 2) or max_body_mb <= 0 \
@@ -65,4 +67,4 @@ def serve(bundle, host, port, max_batch, max_queue, prefill_tokens, no_prefix_ca
                prefill_tokens=prefill_tokens, prefix_cache=not no_prefix_cache,
                api_key=api_key, model_name=model_name, image_root=image_root, max_body_mb=max_body_mb,
                max_image_mb=max_image_mb, backend=backend, threads=threads, fallback_to_cpu=fallback_cpu,
-               log_requests=log_requests, on_ready=ready, operating_point=operating_point)
+               log_requests=log_requests, on_ready=ready, operating_point=operating_point, answer=answer)

@@ -86,6 +86,7 @@ class SetResult:
     unguarded: list[str]
     guarded: list[str]
     generated: bool = True
+    switched: np.ndarray | None = None     # the answer guard switched the answer to the refusal head (None: off)
 
     def summary(self) -> dict:
         base_refused = np.array([is_refusal(a) for a in self.unguarded])
@@ -93,6 +94,9 @@ class SetResult:
         out = {"source": self.source, "kind": "harmful" if self.label else "benign", "n": len(self.prompts),
                "fire_rate": float(self.fired.mean()),
                "unguarded_refusal_rate": float(base_refused.mean()) if self.generated else None}
+        if self.switched is not None:
+            out["answer_switch_rate"] = float(self.switched.mean())
+            out["refused_by_either_guard"] = float((self.fired | self.switched).mean())
         if self.label and self.generated:
             out["asr_unguarded"] = float(1 - base_refused.mean())
             out["asr_guarded"] = float(1 - guard_refused.mean())
@@ -140,6 +144,21 @@ class BundleRunner:
             out += [r.text.strip() for r in self.model.generate_batch(prompts[i:i + batch_size], s, steer=steer)]
         return out
 
+    @property
+    def watches_answers(self) -> bool:
+        return self.model.answer_guard.enabled
+
+    def watched_answers(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
+                        progress=False) -> list[tuple[str, bool]]:
+        """(answer, switched by the answer guard) for prompts the prompt guard passed."""
+        from ..runtime.sampling import Sampling
+
+        out: list[tuple[str, bool]] = []
+        s = Sampling(max_new_tokens=max_new_tokens)
+        for i in tqdm(range(0, len(prompts), batch_size), desc=progress or "watched", disable=not progress):
+            out += [(r.text.strip(), r.switch == "answer") for r in self.model.generate_batch(prompts[i:i + batch_size], s)]
+        return out
+
 
 def evaluate(runner: TorchRunner | BundleRunner, tau: float, sets: Sequence[PromptSet], max_new_tokens: int = 64,
              generate: bool = True, progress: bool = True) -> list[SetResult]:
@@ -157,7 +176,15 @@ def evaluate(runner: TorchRunner | BundleRunner, tau: float, sets: Sequence[Prom
                                           progress=progress and f"guarded {s.source}")
                 for i, a in zip(hit, refusals):
                     guarded[i] = a
-        results.append(SetResult(s.source, s.label, s.prompts, risk, fired, unguarded, guarded, generate))
+        switched = None
+        if generate and getattr(runner, "watches_answers", False):
+            # where the prompt guard passed, the answer guard may still switch the answer mid-stream
+            switched = np.zeros(len(s.prompts), bool)
+            passed = [i for i in range(len(s.prompts)) if not fired[i]]
+            for i, (text, switch) in zip(passed, runner.watched_answers([s.prompts[i] for i in passed], max_new_tokens,
+                                                                       progress=progress and f"watched {s.source}")):
+                guarded[i], switched[i] = text, switch
+        results.append(SetResult(s.source, s.label, s.prompts, risk, fired, unguarded, guarded, generate, switched))
     return results
 
 
@@ -176,8 +203,8 @@ def write_report(results: Sequence[SetResult], model_name: str, split_layer: int
                "prober_tpr_at_1pct_fpr": tpr_at_fpr(risk, labels, 0.01), "sets": sets,
                "operating_points": run_points, **meta}
     rows = [{"source": r.source, "label": r.label, "prompt": p, "risk": float(k), "fired": bool(f),
-             "unguarded": u, "guarded": g}
-            for r in results for p, k, f, u, g in zip(r.prompts, r.risk, r.fired, r.unguarded, r.guarded)]
+             "answer_switched": None if r.switched is None else bool(r.switched[j]), "unguarded": u, "guarded": g}
+            for r in results for j, (p, k, f, u, g) in enumerate(zip(r.prompts, r.risk, r.fired, r.unguarded, r.guarded))]
     (out / "eval.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     _plots(results, tau, out, run_points)
     (out / "report.md").write_text(markdown_report(summary))
@@ -198,12 +225,12 @@ def markdown_report(summary: dict) -> str:
              + ", prober AUROC (all sets pooled) "
              + (f"**{pooled:.3f}**, catch rate at 1% false fires {tpr:.2f}" if pooled == pooled
                 else "— (needs harmful and benign sets)") + "; sets worst first", "",
-             "| set | kind | n | guard fires | ASR unguarded | ASR guarded | refusals open with refusal | "
-             "base model refuses |", "|---|---|---|---|---|---|---|---|"]
+             "| set | kind | n | guard fires | answer guard switches | ASR unguarded | ASR guarded | "
+             "refusals open with refusal | base model refuses |", "|---|---|---|---|---|---|---|---|---|"]
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for s in summary["sets"]:
         lines.append(f"| {s['source']} | {s['kind']} | {s['n']} | {pct(s['fire_rate'])} | "
-                     f"{pct(s.get('asr_unguarded'))} | {pct(s.get('asr_guarded'))} | "
+                     f"{pct(s.get('answer_switch_rate'))} | {pct(s.get('asr_unguarded'))} | {pct(s.get('asr_guarded'))} | "
                      f"{pct(s.get('refusals_open_with_refusal'))} | {pct(s['unguarded_refusal_rate'])} |")
     if summary.get("operating_points"):
         lines += ["", "Operating points on this run (held out: what calibration recorded for the same tau)", "",

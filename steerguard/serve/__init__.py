@@ -25,9 +25,10 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, max_bat
           model_name: str | None = None, image_root: Path | None = None, max_body_mb: float = 16,
           max_image_mb: float = 8, backend: str = "cpu", threads: int | None = None,
           fallback_to_cpu: bool = False, log_requests: bool = False, on_ready=None,
-          operating_point: str | float | None = None) -> None:
+          operating_point: str | float | None = None, answer: dict | None = None) -> None:
     """Load `bundle` and serve it until interrupted, judging requests at `operating_point` unless they ask for
-    another. `on_ready(model, batcher, config)` runs before listening."""
+    another, with the answer guard set by `answer` (GuardedModel.set_answer_guard's arguments; default the
+    bundle's). `on_ready(model, batcher, config)` runs before listening."""
     _require_stack()
     import uvicorn
 
@@ -38,6 +39,8 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, max_bat
 
     model = GuardedModel.load(bundle, backend=backend, threads=threads, fallback_to_cpu=fallback_to_cpu,
                               operating_point=operating_point)
+    if answer:
+        model.set_answer_guard(**answer)
     batcher = ContinuousBatcher(model, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                                 prefill_tokens=prefill_tokens, prefix_cache=prefix_cache)
     limits = ImageLimits(root=Path(image_root).resolve() if image_root else None,

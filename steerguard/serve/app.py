@@ -4,7 +4,8 @@
 Every answer carries the guard's decision in an extra `guard` field (risk, tau, operating_point, fired,
 split_layer): the server judges at its `--operating-point`, a request may ask for another (an extension
 field `operating_point`: a name or a tau in [0, 1]);
-when the guard fired the answer came from the refusal head and its finish_reason is "content_filter".
+when the guard fired the answer came from the refusal head and its finish_reason is "content_filter"; so does an
+answer the answer guard switched to the refusal head mid-stream (`guard.answer` says after which token).
 Errors are OpenAI's shape with the right status; nothing a client sends produces a 500."""
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ class Service:
         return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "steerguard",
                 "max_model_len": self.batcher.max_len,
                 "guard": {"tau": m.tau, "operating_point": m.operating_point, "split_layer": m.split_layer,
-                          "operating_points": {k: p["tau"] for k, p in m.operating_points.items()}}
+                          "operating_points": {k: p["tau"] for k, p in m.operating_points.items()},
+                          "answer": {"enabled": m.answer_guard.enabled, "tau": m.answer_guard.tau,
+                                     "operating_point": m.answer_guard.operating_point, "hold": m.answer_guard.hold,
+                                     "switch": m.answer_guard.switch, "score": str(m.answer_guard.score)}
+                          if m.answer_guard.score is not None else None}
                 if m.guarded else None}
 
     async def models(self, request: Request) -> Response:
@@ -237,11 +242,20 @@ class Service:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                            f"'{self.config.model_name}'", param=param, code="model_not_found")
 
-    def guard_info(self, risk: float | None, fired: bool, tau: float | None, operating_point: str | None) -> dict:
+    def guard_info(self, risk: float | None, fired: bool, tau: float | None, operating_point: str | None,
+                   result: GenerationResult | None = None) -> dict:
         """The guard's decision as answers carry it: the threshold it was taken at and that threshold's name
-        (null for an explicit tau)."""
-        return {"risk": _finite(risk), "tau": tau, "operating_point": operating_point, "fired": bool(fired),
+        (null for an explicit tau); with a finished `result`, what the answer guard did (`answer`: null when it
+        did not watch this answer)."""
+        info = {"risk": _finite(risk), "tau": tau, "operating_point": operating_point, "fired": bool(fired),
                 "split_layer": self.model.split_layer}
+        if result is not None:
+            watched = result.switch == "answer" or result.answer_score is not None
+            info["answer"] = {"switched": result.switch == "answer", "switch_at": result.switch_at if
+                              result.switch == "answer" else None, "score": _finite(result.answer_score),
+                              "tau": self.model.answer_guard.tau, "dropped_tokens": result.dropped_tokens} \
+                if watched else None
+        return info
 
 
 class Answer:
@@ -258,7 +272,7 @@ class Answer:
 
     @staticmethod
     def finish_reason(result: GenerationResult) -> str:
-        if result.fired:
+        if result.fired or result.switch == "answer":
             return "content_filter"
         return "length" if result.finish_reason == "length" else "stop"
 
@@ -268,7 +282,7 @@ class Answer:
                 "total_tokens": result.prompt_tokens + len(result.token_ids)}
 
     def complete(self, result: GenerationResult) -> dict:
-        guard = self.service.guard_info(result.risk, result.fired, result.tau, result.operating_point)
+        guard = self.service.guard_info(result.risk, result.fired, result.tau, result.operating_point, result)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
                       "logprobs": None, "finish_reason": self.finish_reason(result)}
@@ -298,7 +312,7 @@ class Answer:
                 yield sse(self._chunk(event.text, **usage_none))
             elif isinstance(event, Finished):
                 r = event.result
-                guard = self.service.guard_info(r.risk, r.fired, r.tau, r.operating_point)
+                guard = self.service.guard_info(r.risk, r.fired, r.tau, r.operating_point, r)
                 yield sse(self._chunk(None, self.finish_reason(r), guard=guard, **usage_none))
                 if include_usage:
                     yield sse(self._envelope("chat.completion.chunk" if self.chat else "text_completion", [],
