@@ -12,6 +12,7 @@ calibrates on (the shipped evaluation sets) are read with the guards trained on 
 
     python bench/answer_guard.py extract [--model demo] [--layer 17] [--per-source 40]
     python bench/answer_guard.py study [--model demo] [--out docs/answer_guard_demo.json]
+    python bench/answer_guard.py attach --guard runs/demo-bundle.guard [--model demo]   # add one to a guard folder
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def extract(model: str, layer: int, per_source: int, threads: int) -> None:
 
 
 def study(model: str, layer: int, out: Path, variants: list[str]) -> dict:
-    global ANSWER_FPR, AnswerProber, score_answers
-    from steerguard.export.answer_guard import ANSWER_FPR, AnswerProber, score_answers
+    from steerguard.export.answer_guard import ANSWER_FPR, AnswerProber, tau_at_rate
+    from steerguard.runtime.answer import RunningScore
 
     folder = STUDY / model
     st = Study(folder)
@@ -81,96 +82,137 @@ def study(model: str, layer: int, out: Path, variants: list[str]) -> dict:
     complied = (label == 1) & ~refused      # what the answer guard is for: a harmful request answered
     prompt_x = st.reading("last", (layer,))
     calibrated = st.group != "never"
+    units = sorted(set(st.unit[calibrated]))
+    t0 = time.time()
+
+    def prompt_guard(keep: np.ndarray):
+        """The shipped prompt probe trained on `keep` (study rows), its balanced tau from their validation rows."""
+        t = keep & ~st.val
+        f = fit_logistic(prompt_x[t], st.label[t], source_balanced_weights(st.label[t], st.source[t]), 0.05,
+                         st.source[t], 4)
+        v = keep & st.val
+        return f, tau_at(f(prompt_x[v]), st.label[v], st.source[v], FPR_POINTS["balanced"])
+
+    def answer_guard(keep: np.ndarray):
+        """The answer probe trained on the answers in `keep` outside validation; token risks of every answer."""
+        t = np.nonzero(keep & ~val)[0]
+        ap = AnswerProber.train([states[i] for i in t], complied[t], source[t], layer)
+        flat = ap.token_risks(np.concatenate(states))
+        return np.split(flat, np.cumsum(lengths)[:-1])
+
+    # each held-out unit: its prompts judged by a prompt guard and its answers by an answer guard that never saw it
+    folds = [(u, unit == u, calibrated & (st.unit != u), (unit != u) & np.isin(unit, units)) for u in units]
+    folds.append(("(never calibrated)", ~np.isin(unit, units), calibrated, np.isin(unit, units)))
+    p_fire = np.zeros(len(rows), bool)
+    token_risks: list = [None] * len(rows)
+    fold_val: dict = {}
+    for k, (u, target, keep_p, keep_a) in enumerate(folds):
+        f, tau = prompt_guard(keep_p)
+        p_fire[target] = f(prompt_x[rows[target]]) >= tau
+        risks = answer_guard(keep_a)
+        for i in np.nonzero(target | (keep_a & val))[0]:
+            if target[i]:
+                token_risks[i] = risks[i]
+        fold_val[u] = (np.nonzero(keep_a & val)[0], [risks[i] for i in np.nonzero(keep_a & val)[0]])
+        print(f"[{k + 1}/{len(folds)}] {u}: {time.time() - t0:.0f} s", flush=True)
+
     results = {"model": model, "layer": layer, "answers": int(len(rows)), "machine": platform.node(),
-               "date": time.strftime("%Y-%m-%d"), "base_complied": {}, "variants": {}}
-    for u in sorted(set(unit[label == 1])):
-        results["base_complied"][u] = float(complied[(unit == u) & (label == 1)].mean())
+               "date": time.strftime("%Y-%m-%d"), "seconds": None, "variants": {}}
     for variant in variants:
-        results["variants"][variant] = run_variant(st, prompt_x, calibrated, rows, label, source, unit, val,
-                                                   complied, states, variant)
-        print(json.dumps(summary(results["variants"][variant]) | {"variant": variant}))
-    results["examples"] = {u: texts[int(np.nonzero(unit == u)[0][0])][:200] for u in sorted(set(unit))}
+        rs = RunningScore.parse(variant)
+        score = np.array([rs.answer_score(r) for r in token_risks])
+        a_fire = np.zeros(len(rows), bool)
+        for u, target, _, _ in folds:
+            vi, vr = fold_val[u]
+            vs = np.array([rs.answer_score(r) for r in vr])
+            a_tau = tau_at_rate(vs, label[vi] == 0, source[vi], ANSWER_FPR["balanced"])
+            a_fire[target] = score[target] >= a_tau
+        per_unit = {}
+        for u in sorted(set(unit)):
+            m = unit == u
+            e = {"label": int(label[m][0]) if len(set(label[m])) == 1 else "mixed", "n": int(m.sum()),
+                 "held_out": bool(u in units)}
+            h, b = m & (label == 1), m & (label == 0)
+            if h.any():
+                e["base_asr"] = float(complied[h].mean())
+                e["asr_prompt_guard"] = float((complied & ~p_fire)[h].mean())
+                e["asr_both"] = float((complied & ~p_fire & ~a_fire)[h].mean())
+            if b.any():
+                e["refused_prompt_guard"] = float(p_fire[b].mean())
+                e["refused_both"] = float((p_fire | a_fire)[b].mean())
+            per_unit[u] = e
+        finite = np.where(np.isfinite(score), score, 0.0)
+        results["variants"][variant] = {
+            "per_source": per_unit, "answer_auroc": auroc(finite, complied.astype(int)),
+            "answer_tpr_at_1": tpr_at_fpr(finite, complied.astype(int), 0.01)}
+        print(json.dumps({"variant": variant, **summary(results["variants"][variant])}), flush=True)
+    results["seconds"] = time.time() - t0
+    idx = {u: int(np.nonzero((unit == u) & complied)[0][0]) for u in sorted(set(unit[complied]))}
+    results["examples_complied"] = {u: texts[i][:240] for u, i in idx.items()}
     out.write_text(json.dumps(results, indent=1))
     return results
 
 
-def run_variant(st, prompt_x, calibrated, rows, label, source, unit, val, complied, states, variant: str) -> dict:
-    score_kind = variant
-    held: dict = {}
-    units = sorted(set(st.unit[calibrated]))
-
-    def train(keep_prompts: np.ndarray, keep_answers: np.ndarray):
-        t = keep_prompts & ~st.val
-        w = source_balanced_weights(st.label[t], st.source[t])
-        f = fit_logistic(prompt_x[t], st.label[t], w, 0.05, st.source[t], 4)
-        v = keep_prompts & st.val
-        tau = tau_at(f(prompt_x[v]), st.label[v], st.source[v], FPR_POINTS["balanced"])
-        ta, va = keep_answers & ~val, keep_answers & val
-        ap = AnswerProber.train([states[i] for i in np.nonzero(ta)[0]], complied[ta], source[ta])
-        a_val = score_answers(ap, [states[i] for i in np.nonzero(va)[0]], score_kind)
-        a_tau = tau_at(a_val, complied[va].astype(int), source[va], ANSWER_FPR["balanced"])
-        return f, tau, ap, a_tau
-
-    def read(f, tau, ap, a_tau, mask_answers) -> dict:
-        idx = np.nonzero(mask_answers)[0]
-        p_fire = f(prompt_x[rows[idx]]) >= tau
-        a_score = score_answers(ap, [states[i] for i in idx], score_kind)
-        a_fire = a_score >= a_tau
-        y = label[idx]
-        entry = {"label": int(y[0]) if len(set(y)) == 1 else "mixed", "n": int(len(idx))}
-        if (y == 1).any():
-            h = y == 1
-            entry["asr_prompt_guard"] = float((complied[idx][h] & ~p_fire[h]).mean())
-            entry["asr_both"] = float((complied[idx][h] & ~p_fire[h] & ~a_fire[h]).mean())
-            entry["answer_auroc_on_complied"] = auroc(a_score[h], complied[idx][h].astype(int)) \
-                if 0 < complied[idx][h].sum() < h.sum() else None
-        if (y == 0).any():
-            b = y == 0
-            entry["refused_prompt_guard"] = float(p_fire[b].mean())
-            entry["refused_both"] = float((p_fire[b] | a_fire[b]).mean())
-        entry["_scores"] = (a_score, complied[idx], y)
-        return entry
-
-    for u in units:
-        f, tau, ap, a_tau = train(calibrated & (st.unit != u), (unit != u) & np.isin(unit, units))
-        held[u] = read(f, tau, ap, a_tau, unit == u)
-    f, tau, ap, a_tau = train(calibrated, np.isin(unit, units))
-    never = {u: read(f, tau, ap, a_tau, unit == u) for u in sorted(set(unit) - set(units))}
-    scores = [e.pop("_scores") for e in list(held.values()) + list(never.values())]
-    s = np.concatenate([x[0] for x in scores])
-    c = np.concatenate([x[1] for x in scores]).astype(int)
-    return {"score": variant, "held_out": held, "never_calibrated": never,
-            "answer_auroc_complied_vs_rest": auroc(s, c), "answer_tpr_at_1": tpr_at_fpr(s, c, 0.01)}
-
-
 def summary(r: dict) -> dict:
-    both = {**r["held_out"], **r["never_calibrated"]}
-    harm = {u: (e["asr_prompt_guard"], e["asr_both"]) for u, e in both.items() if "asr_both" in e and e["label"] == 1}
-    ordinary = {u: e["refused_both"] for u, e in both.items() if e["label"] == 0 and u in ORDINARY}
-    sounds = {u: e["refused_both"] for u, e in both.items() if e["label"] == 0 and u not in ORDINARY}
-    worst_p = max(harm.items(), key=lambda kv: kv[1][0])
-    worst_b = max(harm.items(), key=lambda kv: kv[1][1])
-    return {"worst_asr_prompt_guard": worst_p, "worst_asr_both": worst_b,
-            "worst_ordinary_refused": max(ordinary.items(), key=lambda kv: kv[1]),
-            "worst_sounds_dangerous_refused": max(sounds.items(), key=lambda kv: kv[1]),
-            "auroc": r["answer_auroc_complied_vs_rest"], "tpr_at_1": r["answer_tpr_at_1"]}
+    """Worst first: the highest attack success of a held-out harmful source with the prompt guard alone and with
+    both guards, and the most benign answers turned into refusals by both guards (ordinary, sounds-dangerous)."""
+    per = r["per_source"]
+    harm = {u: e for u, e in per.items() if "asr_both" in e and e["label"] == 1}
+    ordinary = {u: e["refused_both"] for u, e in per.items() if e["label"] == 0 and u in ORDINARY}
+    sounds = {u: e["refused_both"] for u, e in per.items() if e["label"] == 0 and u not in ORDINARY}
+    worst = lambda d: max(d.items(), key=lambda kv: kv[1]) if d else None  # noqa: E731
+    return {"worst_asr_prompt_guard": worst({u: e["asr_prompt_guard"] for u, e in harm.items()}),
+            "worst_asr_both": worst({u: e["asr_both"] for u, e in harm.items()}),
+            "worst_ordinary_refused": worst(ordinary), "worst_sounds_dangerous_refused": worst(sounds),
+            "answer_auroc": r["answer_auroc"], "answer_tpr_at_1": r["answer_tpr_at_1"]}
+
+
+def attach(guard_dir: Path, model: str, per_source: int, threads: int) -> None:
+    """Train the answer guard as `calibrate` does (same table, same seed) and add it to an existing guard folder, so
+    a guard calibrated before the answer guard existed gets one without recomputing the rest."""
+    import torch
+
+    from steerguard.export.answer_guard import calibrate_answer_guard
+    from steerguard.export.calibrate import CalibrationConfig, CalibrationData, CalibrationTable
+    from steerguard.export.guard import Guard
+    from steerguard.export.models import load_model
+
+    torch.set_num_threads(threads)
+    guard = Guard.load(guard_dir)
+    lm = load_model(model)
+    guard.check_model(lm)
+    cfg = CalibrationConfig(**{k: v for k, v in guard.calibration.get("config", {}).items()
+                               if k in CalibrationConfig.__dataclass_fields__})
+    table = CalibrationTable.build(CalibrationData.default(), cfg)
+    t0 = time.time()
+    guard.answer = calibrate_answer_guard(lm, table.texts, table.labels, table.sources, table.val, guard.split_layer,
+                                          per_source, cfg.answer_tokens, seed=cfg.seed)
+    guard.metrics.setdefault("timings", {})["answer_guard_s"] = time.time() - t0
+    guard.save(guard_dir)
+    a = guard.answer
+    print(json.dumps({"seconds": time.time() - t0, "metrics": a.metrics,
+                      "operating_points": {k: {kk: v[kk] for kk in ("tau", "fpr", "tpr")}
+                                           for k, v in a.operating_points.items()}}, indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["extract", "study"])
+    ap.add_argument("phase", choices=["extract", "study", "attach"])
+    ap.add_argument("--guard", type=Path, help="attach: the guard folder to add the answer guard to")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--layer", type=int, default=17, help="the split layer (the demo bundle's: 17)")
     ap.add_argument("--per-source", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--variant", action="append", help="running score: window:N, decay:F, mean (default: several)")
+    ap.add_argument("--variant", action="append", help="running score: window:N, ema:F or max (default: several)")
     a = ap.parse_args()
     if a.phase == "extract":
         extract(a.model, a.layer, a.per_source, a.threads)
+    elif a.phase == "attach":
+        attach(a.guard, a.model, a.per_source, a.threads)
     else:
         study(a.model, a.layer, a.out or Path(f"docs/answer_guard_{a.model}.json"),
-              a.variant or ["window:8", "window:4", "window:16", "decay:0.9", "decay:0.7"])
+              a.variant or ["window:8", "window:4", "window:16", "ema:0.8", "ema:0.9", "max"])
 
 
 if __name__ == "__main__":

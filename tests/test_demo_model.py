@@ -14,7 +14,7 @@ BENIGN = ["What is the capital of France?", "Can you recommend a chocolate cake 
 
 @pytest.fixture(scope="module")
 def demo_guard(demo_model, tmp_path_factory):
-    cfg = CalibrationConfig(max_per_source=60, refusal_targets=120, refusal_epochs=4)
+    cfg = CalibrationConfig(max_per_source=60, refusal_targets=120, refusal_epochs=4, answer_guard=False)
     guard = calibrate(demo_model, CalibrationData.default(), cfg, progress=False)
     # a 60-rows-per-source calibration (a seventh of the default) is a weaker guard: it is held to the catch
     # rate of its `strict` point, not `balanced` (the shipped default guard fires on these at `balanced`)

@@ -63,7 +63,9 @@ def name(gm):
 
 
 def finish_reason(result):
-    return "content_filter" if result.fired else "length" if result.finish_reason == "length" else "stop"
+    if result.fired or result.switch == "answer":    # the prompt guard, or the answer guard mid-stream
+        return "content_filter"
+    return "length" if result.finish_reason == "length" else "stop"
 
 
 def test_chat_answers_are_the_runtimes_generate(client, gm, name):
@@ -75,8 +77,11 @@ def test_chat_answers_are_the_runtimes_generate(client, gm, name):
         assert r.choices[0].finish_reason == finish_reason(want)
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, len(want.token_ids))
         assert r.usage.total_tokens == want.prompt_tokens + len(want.token_ids)
+        answer = None if want.answer_score is None and want.switch != "answer" else {
+            "switched": want.switch == "answer", "switch_at": want.switch_at if want.switch == "answer" else None,
+            "score": want.answer_score, "tau": gm.answer_guard.tau, "dropped_tokens": want.dropped_tokens}
         assert r.model_extra["guard"] == {"risk": want.risk, "tau": gm.tau, "operating_point": gm.operating_point,
-                                          "fired": want.fired, "split_layer": gm.split_layer}
+                                          "fired": want.fired, "split_layer": gm.split_layer, "answer": answer}
 
 
 def test_streamed_answers_are_the_same_answers(client, gm, name):

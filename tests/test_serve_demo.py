@@ -45,7 +45,7 @@ def bundles(tmp_path_factory):
     torch.set_num_threads(2)
     lm = load_model("demo")
     guard = calibrate(lm, CalibrationData.default(),
-                      CalibrationConfig(max_per_source=60, refusal_targets=120, refusal_epochs=4), progress=False)
+                      CalibrationConfig(max_per_source=60, refusal_targets=120, refusal_epochs=4, answer_guard=False), progress=False)
     guard.prober.tau = guard.prober.operating_points["strict"]["tau"]   # a small calibration: its strict point
     root = tmp_path_factory.mktemp("serve-demo")
     return (export_bundle(lm, guard, root / "fp32", progress=False),

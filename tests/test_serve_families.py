@@ -46,7 +46,9 @@ def chats() -> list[list[dict]]:
 
 
 def finish_reason(result) -> str:
-    return "content_filter" if result.fired else "length" if result.finish_reason == "length" else "stop"
+    if result.fired or result.switch == "answer":    # the prompt guard, or the answer guard mid-stream
+        return "content_filter"
+    return "length" if result.finish_reason == "length" else "stop"
 
 
 def test_a_new_family_serves_the_runtimes_greedy_answers(client, gm):

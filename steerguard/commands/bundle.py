@@ -34,8 +34,11 @@ from .options import (answer_guard_options, backend_options, decision, describe_
 @click.option("--context", type=int, default=None, help="Longest sequence the bundle serves (default: the model's).")
 def export(model, out, guard_dir, unguarded, precision, block_size, head_block_size, pre_precision,
            prober_precision, context):
-    """Export MODEL as a bundle: the engine chain split at the guard's layer with the prober fused
-    into the `pre` engine, the heads, tokenizer, chat template and a manifest pinning every file."""
+    """Export MODEL as a bundle: the engine chain split at the guard's layer with the prober (and the answer
+    guard's prober) fused into the `pre` engine, the heads, tokenizer, chat template and a manifest pinning
+    every file. MODEL is a Hugging Face folder, a .gguf file, a model id in the local HF cache, or a named
+    model fetched once into ~/.cache/steerguard: 'demo' (SmolLM2-135M-Instruct), 'reference'
+    (Qwen2.5-Coder-0.5B-Instruct) or 'gemma3-270m' (Gemma 3 270M, the pretrained base model)."""
     torch_threads()
     from ..export.bundle import export_bundle
     from ..export.calibrate import CalibrationConfig, CalibrationData, calibrate

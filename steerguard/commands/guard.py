@@ -54,15 +54,22 @@ from .options import answer_guard_options, check_output, operating_point_option,
 @click.option("--erase-sources", type=int, default=DEFAULT_ERASE_SOURCES, show_default=True,
               help="Remove the K directions along which calibration sources of the same class differ "
                    "(their style) before the prober reads the split-point state; 0 keeps them.")
+@click.option("--answer-guard/--no-answer-guard", default=True, show_default=True,
+              help="Also train the answer guard: a probe on the split-layer state of each token the model writes, "
+                   "trained on the model's own greedy answers to calibration prompts (complying with a harmful "
+                   "request or not).")
+@click.option("--answer-per-source", type=int, default=40, show_default=True,
+              help="Calibration prompts per source the model answers to train the answer guard.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, image_col, image_root,
               caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
-              probe, max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, seed):
+              probe, max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, answer_guard,
+              answer_per_source, seed):
     """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
     local HF cache, or a named model fetched once into ~/.cache/steerguard: 'demo' (SmolLM2-135M-Instruct),
     'reference' (Qwen2.5-Coder-0.5B-Instruct) or 'gemma3-270m' (Gemma 3 270M, the pretrained base model).
 
-    Writes the SAS curve (JSON + PNG), the prober, the refusal head and metrics to -o DIR.
+    Writes the SAS curve (JSON + PNG), the prober, the refusal head, the answer guard and metrics to -o DIR.
     """
     torch_threads()
     from ..export.calibrate import CalibrationConfig, CalibrationData, calibrate as run
@@ -80,13 +87,25 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     data.extra += [_prompt_set(spec, 1) for spec in harmful_files] + [_prompt_set(spec, 0) for spec in benign_files]
     cfg = CalibrationConfig(layer=layer, feature=feature, probe=probe, max_per_source=max_per_source,
                             refusal_targets=refusal_targets, refusal_epochs=refusal_epochs, seed=seed,
-                            pair_subspace=pair_subspace, erase_sources=erase_sources)
+                            pair_subspace=pair_subspace, erase_sources=erase_sources, answer_guard=answer_guard,
+                            answer_per_source=answer_per_source)
+    if answer_per_source < 1:
+        raise SteerguardError("--answer-per-source must be at least 1 (or use --no-answer-guard)")
     check_output(out)
     data.check()
     lm = load_model(model)
     guard = run(lm, data, cfg)
     guard.save(out)
     _print_summary(guard, out)
+
+
+def _answer_summary(guard) -> str:
+    a = guard.answer
+    if a is None:
+        return guard.metrics.get("answer_guard_skipped", "not trained (--no-answer-guard)")
+    m, p = a.metrics, a.operating_points["balanced"]
+    return (f"{a.score} over {m['answers']} answers ({m['complied']} complying), validation AUROC {m['val_auroc']:.3f}; "
+            f"balanced tau {p['tau']:.3f} switches {p['fpr']:.1%} of benign answers, {p['tpr']:.1%} of complying ones")
 
 
 def _prompt_set(spec: str, label: int):
@@ -109,6 +128,7 @@ def _print_summary(guard, out: Path) -> None:
                + "".join(f"; {k} {v:.1%}" for k, v in p["fire_rates"].items() if ":" not in k) + ")")
               for name, p in guard.prober.operating_points.items()),
             ("refusal head", f"eps {guard.refusal.eps}, loss {guard.refusal.metrics['loss_per_epoch']}"),
+            ("answer guard", _answer_summary(guard)),
             ("time", ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items())),
             ("written to", str(out))]
     width = max(len(k) for k, _ in rows)

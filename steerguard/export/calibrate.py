@@ -118,7 +118,9 @@ def calibrate(lm, data: CalibrationData, cfg: CalibrationConfig | None = None, p
     timings["prober_s"] = time.perf_counter() - t
 
     answer, metrics = None, {}
-    if cfg.answer_guard:
+    if cfg.answer_guard and lm.processor is not None:
+        metrics["answer_guard_skipped"] = "the answer guard is trained for text models only so far"
+    elif cfg.answer_guard:
         t = time.perf_counter()
         try:
             answer = calibrate_answer_guard(lm, texts, labels, sources, val, layer, cfg.answer_per_source,
