@@ -46,13 +46,11 @@ def generate_answers(lm, prompts: Sequence[str], layer: int, max_new_tokens: int
         return _load(path, layer)
     stops = set(end_of_turn_ids(lm.tokenizer))
     encoded = [chat_ids(lm.tokenizer, p) for p in prompts]
-    order = np.argsort([len(e) for e in encoded], kind="stable")     # similar lengths pad less
     ids: list = [None] * len(prompts)
     states: list = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "answers",
                unit="prompt", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        batch = [int(i) for i in order[start:start + batch_size]]
+    for batch in _batches(encoded, batch_size, max_new_tokens):
         for i, (a, s) in zip(batch, _answer_batch(lm.model, [encoded[i] for i in batch], layer, max_new_tokens,
                                                   stops, lm.tokenizer.pad_token_id)):
             ids[i], states[i] = a, s
@@ -65,20 +63,45 @@ def generate_answers(lm, prompts: Sequence[str], layer: int, max_new_tokens: int
     return answers
 
 
+def _batches(encoded: list[list[int]], batch_size: int, max_new_tokens: int, budget: int = 1 << 14) -> list[list[int]]:
+    """Length-sorted batches of at most `batch_size` prompts and about `budget` padded tokens (long prompts, such
+    as jailbreak wrappers, go a few at a time)."""
+    order = [int(i) for i in np.argsort([len(e) for e in encoded], kind="stable")]
+    out, batch = [], []
+    for i in order:
+        width = len(encoded[i]) + max_new_tokens      # sorted: the newest prompt is the longest so far
+        if batch and (len(batch) >= batch_size or (len(batch) + 1) * width > budget):
+            out.append(batch)
+            batch = []
+        batch.append(i)
+    return out + ([batch] if batch else [])
+
+
 @torch.inference_mode()
 def _answer_batch(model, encoded: list[list[int]], layer: int, max_new_tokens: int, stops: set[int],
                   pad: int | None) -> list[tuple[list[int], np.ndarray]]:
-    """One left-padded batch through `generate`; each row's answer up to its first end-of-turn token."""
+    """One left-padded batch through `generate`; each row's answer up to its first end-of-turn token. A hook on
+    decoder layer `layer` keeps the state entering it on every decode step: the state of the token just fed."""
     width = max(len(e) for e in encoded)
     pad = 0 if pad is None else pad
     input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=sorted(stops), pad_token_id=pad, output_hidden_states=True,
-                         return_dict_in_generate=True, temperature=None, top_p=None, top_k=None)
-    new = out.sequences[:, width:].tolist()
-    # hidden_states[s][layer]: step 0 is the prompt, step s >= 1 the position of generated token s - 1
-    fed = [step[layer][:, -1].float() for step in out.hidden_states[1:]]
+    fed: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] == 1:        # a decode step (the prompt's pass has the whole prompt)
+            fed.append(h[:, 0].float().clone())
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hook = decoder.layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=sorted(stops), pad_token_id=pad, temperature=None,
+                             top_p=None, top_k=None)
+    finally:
+        hook.remove()
+    new = out[:, width:].tolist()
     stacked = torch.stack(fed, 1).numpy() if fed else np.zeros((len(encoded), 0, model.config.hidden_size), np.float32)
     rows = []
     for r, tokens in enumerate(new):
