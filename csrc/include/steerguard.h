@@ -14,10 +14,11 @@
  *  - Strings are UTF-8, passed as (pointer, length) where a length is taken; text that is not valid
  *    UTF-8 is refused with SG_ERR_INVALID_ARGUMENT.
  *  - Memory the library returns (`sg_tokens`, `sg_result`) is released with the matching free call.
- *  - Thread safety: a loaded `sg_model` is immutable but for the guard's threshold; any number of threads
+ *  - Thread safety: a loaded `sg_model` is immutable but for the guard's settings; any number of threads
  *    may call `sg_generate`, `sg_score`, `sg_tokenize` and `sg_detokenize` on it at once. Each call keeps
- *    its own state. The threshold (`sg_model_set_operating_point`, `sg_model_set_tau`) may be changed from
- *    any thread at any time: a call already running keeps the threshold it started with.
+ *    its own state. The threshold (`sg_model_set_operating_point`, `sg_model_set_tau`) and the answer
+ *    guard's settings (`sg_model_set_answer_*`) may be changed from any thread at any time: a call already
+ *    running keeps the settings it started with.
  *
  * A minimal program:
  *
@@ -94,10 +95,10 @@ typedef struct {
     const char *precision;
     int32_t num_layers;
     int32_t vocab_size;
-    int32_t context;     /* the most tokens a prompt and its answer may take together */
-    int32_t guarded;     /* 1 if the bundle has a prober and a refusal head */
-    int32_t split_layer; /* the prober's layer; -1 when unguarded */
-    float tau;           /* the current threshold: the guard fires when risk >= tau (NaN when unguarded) */
+    int32_t context;             /* the most tokens a prompt and its answer may take together */
+    int32_t guarded;             /* 1 if the bundle has a prober and a refusal head */
+    int32_t split_layer;         /* the prober's layer; -1 when unguarded */
+    float tau;                   /* the current threshold: the guard fires when risk >= tau (NaN when unguarded) */
     const char *operating_point; /* the current threshold's name ("balanced", ...); NULL for an explicit tau
                                     or an unguarded bundle. Valid while the model is loaded */
     int32_t n_operating_points;  /* the bundle's named thresholds (see sg_model_operating_point_get) */
@@ -124,6 +125,74 @@ SG_API sg_status sg_model_set_tau(sg_model *model, float tau);
 /* The bundle's named threshold number `index` (0 .. n_operating_points - 1, lowest tau first): its name
  * (valid while the model is loaded) and tau. SG_ERR_INVALID_ARGUMENT for an index out of range. */
 SG_API sg_status sg_model_operating_point_get(const sg_model *model, int32_t index, const char **name, float *tau);
+
+/* ---- the answer guard: watching the answer as it is written -------------------------------------
+ *
+ * A bundle calibrated with an answer guard (manifest guard.answer) also scores every token the model
+ * writes: the decode engine of the layers before the split computes the token's risk (answer_risk), and a
+ * running score of those risks (the bundle's: "window:N", the mean of the last N risks, judged from the
+ * N-th token on; "ema:F", an exponential moving average; or "max") is compared with the answer guard's
+ * tau after every token. The first time the score reaches tau (or a risk is not finite: it fails closed)
+ * the answer switches to the refusal head:
+ *  - tokens still held back (see hold) are dropped: the token callback never sees them;
+ *  - with switch SG_ANSWER_CONTINUE and nothing dropped, the refusal head carries on after the tokens shown,
+ *    the KV cache kept; with SG_ANSWER_RESTART, or when tokens were dropped, the refusal answers from the
+ *    prompt, as a prompt-guard refusal does (its first token never ends the turn).
+ * hold N keeps the first N tokens of an answer back from the callback until the answer guard has judged them
+ * (or the answer ends); the tokens after them stream at once. A request the prompt guard fired on is not
+ * watched. sg_result says where and why the answer switched (switch_reason, switch_at, answer_score,
+ * dropped_tokens). A model starts with the bundle's settings (guard.answer: enabled, the balanced tau,
+ * hold, switch); the decisions are the Python runtime's (GuardedModel.set_answer_guard) at the same
+ * settings. On a bundle without an answer guard every setter but turning it off is SG_ERR_UNSUPPORTED. */
+
+typedef enum {
+    SG_ANSWER_CONTINUE = 0, /* the refusal head continues after the tokens shown (default) */
+    SG_ANSWER_RESTART = 1   /* the refusal head answers from the prompt, the KV cache rewound to it */
+} sg_answer_switch;
+
+typedef struct {
+    int32_t available;           /* 1 if the bundle has an answer guard; 0: the other fields are zero/NULL/NaN */
+    int32_t enabled;             /* 1 if later calls watch their answers */
+    float tau;                   /* the running score's threshold: it switches when score >= tau */
+    const char *operating_point; /* the threshold's name ("balanced", ...); NULL for an explicit tau. Valid
+                                    while the model is loaded */
+    int32_t hold;                /* tokens held back from the callback at the start of each answer */
+    sg_answer_switch switch_mode;
+    const char *score;          /* the bundle's running score: "window:8", "ema:0.9" or "max" */
+    int32_t n_operating_points; /* the answer guard's named thresholds (sg_model_answer_operating_point_get) */
+} sg_answer_guard_info;
+
+/* The answer guard's presence and current settings. SG_ERR_INVALID_ARGUMENT for a NULL model or out. */
+SG_API sg_status sg_model_answer_guard_get(const sg_model *model, sg_answer_guard_info *out);
+
+/* Watch the answers of later calls (enabled 1) or not (0: the answers are bit for bit those of the bundle
+ * without an answer guard). Turning it on where the bundle has none is SG_ERR_UNSUPPORTED; turning it off
+ * there succeeds (it is off). Any other value than 0 or 1 is SG_ERR_INVALID_ARGUMENT. */
+SG_API sg_status sg_model_set_answer_guard(sg_model *model, int32_t enabled);
+
+/* Switch at the answer guard's named threshold ("strict", "balanced", "permissive"; the message of
+ * SG_ERR_INVALID_ARGUMENT lists the names for an unknown or NULL one). SG_ERR_UNSUPPORTED without an
+ * answer guard. */
+SG_API sg_status sg_model_set_answer_operating_point(sg_model *model, const char *name);
+
+/* Switch at an explicit threshold `tau` in [0, 1] (0 switches at the first judged token); NaN or outside
+ * [0, 1]: SG_ERR_INVALID_ARGUMENT. SG_ERR_UNSUPPORTED without an answer guard. */
+SG_API sg_status sg_model_set_answer_tau(sg_model *model, float tau);
+
+/* Hold the first `tokens` (>= 0; 0 = stream every token at once) of each answer back from the callback
+ * until the answer guard has seen that many. SG_ERR_INVALID_ARGUMENT below 0; SG_ERR_UNSUPPORTED without
+ * an answer guard. */
+SG_API sg_status sg_model_set_answer_hold(sg_model *model, int32_t tokens);
+
+/* How the answer switches: SG_ANSWER_CONTINUE or SG_ANSWER_RESTART (another value:
+ * SG_ERR_INVALID_ARGUMENT). SG_ERR_UNSUPPORTED without an answer guard. */
+SG_API sg_status sg_model_set_answer_switch(sg_model *model, sg_answer_switch mode);
+
+/* The answer guard's named threshold number `index` (0 .. n_operating_points - 1, lowest tau first): its
+ * name (valid while the model is loaded) and tau. SG_ERR_INVALID_ARGUMENT for an index out of range,
+ * SG_ERR_UNSUPPORTED without an answer guard. */
+SG_API sg_status sg_model_answer_operating_point_get(const sg_model *model, int32_t index, const char **name,
+                                                     float *tau);
 
 /* ---- text and tokens -------------------------------------------------------------------------- */
 
@@ -173,6 +242,12 @@ typedef enum {
     SG_FINISH_LENGTH = 2       /* max_new_tokens reached */
 } sg_finish_reason;
 
+typedef enum {
+    SG_SWITCH_NONE = 0,   /* the plain head answered throughout */
+    SG_SWITCH_PROMPT = 1, /* the prompt guard fired: the refusal head answered from the first token */
+    SG_SWITCH_ANSWER = 2  /* the answer guard switched to the refusal head mid-answer */
+} sg_switch_reason;
+
 typedef struct {
     char *text;         /* the answer, NUL-terminated */
     size_t text_length; /* its length in bytes (the answer itself may hold NUL characters) */
@@ -187,11 +262,19 @@ typedef struct {
     double first_token_seconds;
     double decode_seconds; /* from the first token to the last */
     float tau;             /* the threshold the request was judged at (NaN when unguarded) */
+    /* the answer guard (after the fields above, which keep their offsets) */
+    sg_switch_reason switch_reason; /* why the refusal head answers, if it does */
+    int32_t switch_at;              /* index in token_ids where the refusal head's tokens begin (0 for the prompt
+                                       guard's); -1 when it never answered */
+    float answer_score;             /* the running score at the answer guard's switch, else the highest it reached;
+                                       NaN when the answer was not watched or too short to be judged */
+    int32_t dropped_tokens;         /* held-back tokens dropped at the switch (never passed to the callback) */
 } sg_result;
 
 /* Called once per generated token with the token and the text it completes (possibly empty while a
  * multi-byte character is incomplete). Return 0 to go on, non-zero to cancel: the call then returns
- * SG_ERR_CANCELLED and fills nothing. */
+ * SG_ERR_CANCELLED and fills nothing. With an answer-guard hold, a held token is passed once the answer
+ * guard has seen enough (so possibly several tokens in a row), and a dropped one never. */
 typedef int (*sg_token_callback)(int32_t token, const char *piece, size_t piece_length, void *user_data);
 
 /* Answer a chat through the guard: prefill (the prober judges the request at the model's current

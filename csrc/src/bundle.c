@@ -119,34 +119,115 @@ static int by_tau(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* guard.operating_points: name -> {"tau", ...}, kept where tau is a finite number, lowest tau first (as
- * runtime/model.py: operating_points_of); none recorded (an older bundle): "balanced" = guard.tau. */
-static sg_status read_operating_points(sg_bundle *b, const cJSON *guard) {
+/* `guard`.operating_points: name -> {"tau", ...}, kept where tau is a finite number, lowest tau first (as
+ * runtime/model.py: operating_points_of); none recorded (an older bundle): "balanced" = `tau`. The default
+ * point is default_operating_point's (else balanced's), or -1. */
+static sg_status read_points(const cJSON *guard, double tau, sg_operating_point **out, size_t *n_out, int32_t *recorded,
+                             int32_t *default_point) {
     const cJSON *points = cJSON_GetObjectItemCaseSensitive(guard, "operating_points");
     int n = cJSON_IsObject(points) ? cJSON_GetArraySize(points) : 0;
-    b->points = calloc(n > 0 ? (size_t)n : 1, sizeof *b->points);
-    if (!b->points) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    sg_operating_point *list = *out = calloc(n > 0 ? (size_t)n : 1, sizeof *list);
+    if (!list) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
     const cJSON *p;
     if (n) cJSON_ArrayForEach(p, points) {
-        const cJSON *tau = cJSON_GetObjectItemCaseSensitive(p, "tau");
-        if (!p->string || !cJSON_IsNumber(tau) || !isfinite(tau->valuedouble)) continue;
-        sg_operating_point *o = &b->points[b->n_points];
-        if (!(o->name = strdup(p->string))) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
-        o->tau = tau->valuedouble;
-        b->n_points++;
+            const cJSON *t = cJSON_GetObjectItemCaseSensitive(p, "tau");
+            if (!p->string || !cJSON_IsNumber(t) || !isfinite(t->valuedouble)) continue;
+            sg_operating_point *o = &list[*n_out];
+            if (!(o->name = strdup(p->string))) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+            o->tau = t->valuedouble;
+            (*n_out)++;
+        }
+    *recorded = *n_out > 0;
+    if (!*n_out) {
+        if (!(list[0].name = strdup("balanced"))) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+        list[0].tau = tau;
+        *n_out = 1;
     }
-    b->points_recorded = b->n_points > 0;
-    if (!b->n_points) {
-        if (!(b->points[0].name = strdup("balanced"))) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
-        b->points[0].tau = b->tau;
-        b->n_points = 1;
-    }
-    qsort(b->points, b->n_points, sizeof *b->points, by_tau);
+    qsort(list, *n_out, sizeof *list, by_tau);
     const cJSON *def = cJSON_GetObjectItemCaseSensitive(guard, "default_operating_point");
     const char *name = cJSON_IsString(def) && *def->valuestring ? def->valuestring : "balanced";
-    b->default_point = -1;
-    for (size_t i = 0; i < b->n_points; i++)
-        if (!strcmp(b->points[i].name, name)) b->default_point = (int32_t)i;
+    *default_point = -1;
+    for (size_t i = 0; i < *n_out; i++)
+        if (!strcmp(list[i].name, name)) *default_point = (int32_t)i;
+    return SG_OK;
+}
+
+static sg_status read_operating_points(sg_bundle *b, const cJSON *guard) {
+    return read_points(guard, b->tau, &b->points, &b->n_points, &b->points_recorded, &b->default_point);
+}
+
+/* A running score: window:N (N >= 1), ema:F (0 <= F < 1) or max (runtime/answer.py: RunningScore.parse). */
+static int parse_score(const char *spec, sg_answer_spec *a) {
+    const char *colon = strchr(spec, ':');
+    size_t kind = colon ? (size_t)(colon - spec) : strlen(spec);
+    const char *value = colon ? colon + 1 : NULL;
+    if (kind == 3 && !strncmp(spec, "max", 3) && !value) {
+        a->score = SCORE_MAX;
+        return 0;
+    }
+    if (!value || !*value || strchr(" \t\n+-", *value)) return -1; /* digits or a decimal number, no sign */
+    char *end = NULL;
+    if (kind == 6 && !strncmp(spec, "window", 6)) {
+        if (strspn(value, "0123456789") != strlen(value) || strlen(value) > 9) return -1;
+        long n = strtol(value, &end, 10);
+        if (n < 1) return -1;
+        a->score = SCORE_WINDOW;
+        a->window = (int32_t)n;
+        return 0;
+    }
+    if (kind == 3 && !strncmp(spec, "ema", 3)) {
+        double f = strtod(value, &end);
+        if (*end || !(f >= 0.0 && f < 1.0)) return -1;
+        a->score = SCORE_EMA;
+        a->decay = f;
+        return 0;
+    }
+    return -1;
+}
+
+/* guard.answer (null or absent: no answer guard). Anything this library cannot run as the Python runtime
+ * does is refused here, naming the field. */
+static sg_status read_answer(sg_bundle *b, const cJSON *guard, const char *manifest_path) {
+    const cJSON *answer = cJSON_GetObjectItemCaseSensitive(guard, "answer");
+    if (!answer || cJSON_IsNull(answer)) return SG_OK;
+    sg_answer_spec *a = &b->answer;
+    if (!cJSON_IsObject(answer))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: guard.answer is not an object; re-export the bundle", manifest_path);
+    const cJSON *output = cJSON_GetObjectItemCaseSensitive(answer, "output");
+    if (output && !(cJSON_IsString(output) && !strcmp(output->valuestring, "answer_risk")))
+        return sg_fail(SG_ERR_UNSUPPORTED, "%s: guard.answer.output must be answer_risk; this library reads no other",
+                       manifest_path);
+    const cJSON *score = cJSON_GetObjectItemCaseSensitive(answer, "score");
+    if (!cJSON_IsString(score))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: guard.answer.score is missing; re-export the bundle", manifest_path);
+    if (parse_score(score->valuestring, a))
+        return sg_fail(SG_ERR_UNSUPPORTED,
+                       "%s: guard.answer.score '%.64s' is not a running score this library knows: use window:N "
+                       "(N >= 1), ema:F (0 <= F < 1) or max",
+                       manifest_path, score->valuestring);
+    if (!(a->score_spec = strdup(score->valuestring))) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    const cJSON *tau = cJSON_GetObjectItemCaseSensitive(answer, "tau");
+    if (!cJSON_IsNumber(tau) || !isfinite(tau->valuedouble))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: guard.answer.tau is missing or not a number; re-export the bundle",
+                       manifest_path);
+    a->tau = tau->valuedouble;
+    const cJSON *enabled = cJSON_GetObjectItemCaseSensitive(answer, "enabled");
+    if (enabled && !cJSON_IsBool(enabled))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: guard.answer.enabled must be true or false", manifest_path);
+    a->enabled = !enabled || cJSON_IsTrue(enabled);
+    const cJSON *hold = cJSON_GetObjectItemCaseSensitive(answer, "hold");
+    if (hold && !(cJSON_IsNumber(hold) && hold->valuedouble >= 0 && hold->valuedouble <= INT32_MAX &&
+                  hold->valuedouble == floor(hold->valuedouble)))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: guard.answer.hold must be a number of tokens (0 or more)",
+                       manifest_path);
+    a->hold = hold ? (int32_t)hold->valuedouble : 0;
+    const cJSON *sw = cJSON_GetObjectItemCaseSensitive(answer, "switch");
+    if (sw && !(cJSON_IsString(sw) && (!strcmp(sw->valuestring, "continue") || !strcmp(sw->valuestring, "restart"))))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE, "%s: guard.answer.switch must be continue or restart", manifest_path);
+    a->restart = sw && !strcmp(sw->valuestring, "restart");
+    sg_status st = read_points(answer, a->tau, &a->points, &a->n_points, &a->points_recorded, &a->default_point);
+    if (st != SG_OK) return st;
+    a->present = 1;
     return SG_OK;
 }
 
@@ -268,6 +349,7 @@ static sg_status parse(sg_bundle *b, const cJSON *root, int verify, const char *
         b->tau = tau->valuedouble;
         b->risk_per_token = cJSON_IsString(feature) && !strcmp(feature->valuestring, "max");
         if ((st = read_operating_points(b, guard)) != SG_OK) return st;
+        if ((st = read_answer(b, guard, manifest_path)) != SG_OK) return st;
     }
     const cJSON *stops =
         cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "generation"), "stop_token_ids");
@@ -313,15 +395,17 @@ void sg_bundle_free(sg_bundle *b) {
     free(b->engines);
     for (size_t i = 0; i < b->n_points; i++) free(b->points[i].name);
     free(b->points);
+    for (size_t i = 0; i < b->answer.n_points; i++) free(b->answer.points[i].name);
+    free(b->answer.points);
+    free(b->answer.score_spec);
     free(b->stop_ids);
     free(b->tokenizer_path);
     free(b->root);
     free(b->name);
     free(b->precision);
     sg_chat_pieces *c = &b->chat;
-    char *pieces[] = {c->head,           c->head_system,  c->generation_prompt, c->open_user,
-                      c->open_assistant, c->close_system, c->close_user,        c->close_assistant,
-                      c->system_separator};
+    char *pieces[] = {c->head,         c->head_system, c->generation_prompt, c->open_user,       c->open_assistant,
+                      c->close_system, c->close_user,  c->close_assistant,   c->system_separator};
     for (size_t i = 0; i < sizeof pieces / sizeof *pieces; i++) free(pieces[i]);
     memset(b, 0, sizeof *b);
 }

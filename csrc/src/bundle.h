@@ -30,6 +30,24 @@ typedef struct {
     double tau; /* as the manifest's JSON holds it: the Python runtime compares risks with the same double */
 } sg_operating_point;
 
+typedef enum { SCORE_WINDOW, SCORE_EMA, SCORE_MAX } sg_score_kind;
+
+/* guard.answer: the answer guard's running score over the decode engine's answer_risk, its named
+ * thresholds and the settings a model starts with (runtime/answer.py, runtime/model.py: AnswerGuard) */
+typedef struct {
+    int present;      /* 0: no answer guard (a bundle exported before it, or calibrated without one) */
+    char *score_spec; /* "window:8", "ema:0.9", "max" as the manifest writes it */
+    sg_score_kind score;
+    int32_t window;             /* SCORE_WINDOW: N */
+    double decay;               /* SCORE_EMA: F */
+    double tau;                 /* guard.answer.tau */
+    sg_operating_point *points; /* lowest tau first; none recorded: balanced = tau */
+    size_t n_points;
+    int32_t default_point; /* the point a model starts at: default_operating_point's (else balanced's), or -1 */
+    int32_t points_recorded;
+    int32_t enabled, hold, restart; /* the manifest's defaults: enabled, hold (tokens), switch == "restart" */
+} sg_answer_spec;
+
 typedef struct {
     char *root, *name, *precision;
     int32_t num_layers, hidden_size, vocab_size, kv_heads, head_dim, context;
@@ -37,8 +55,9 @@ typedef struct {
     double tau;                 /* guard.tau: the threshold the model starts at */
     sg_operating_point *points; /* the guard's named thresholds, lowest tau first; an older bundle's: balanced = tau */
     size_t n_points;
-    int32_t default_point; /* index of guard.default_operating_point in points, or -1 */
+    int32_t default_point;   /* index of guard.default_operating_point in points, or -1 */
     int32_t points_recorded; /* 0 when points holds only the balanced entry made from tau (an older bundle) */
+    sg_answer_spec answer;
     sg_engine_spec *engines;
     size_t n_engines;
     int32_t *stop_ids;

@@ -106,6 +106,7 @@ static sg_status engine_names(sg_engine *e, OrtAllocator *alloc) {
     }
     if (st != SG_OK) return st;
     e->has_risk = has_name(e->outputs, e->n_outputs, "risk");
+    e->has_answer_risk = has_name(e->outputs, e->n_outputs, "answer_risk");
     e->hidden_output = has_name(e->outputs, e->n_outputs, "last_hidden_state") ? "last_hidden_state" : "hidden_states";
     return SG_OK;
 }
@@ -180,6 +181,14 @@ sg_status sg_engines_load(sg_model *m) {
                        "%s: the manifest has a guard but the engines lack the prober or the "
                        "refusal head; re-export the bundle",
                        b->root);
+    m->answer_engine = m->n_decode;
+    for (size_t i = 0; i < m->n_decode; i++)
+        if (m->decode[i]->has_answer_risk) m->answer_engine = i;
+    if (b->answer.present && (!b->guarded || m->answer_engine == m->n_decode))
+        return sg_fail(SG_ERR_CORRUPT_BUNDLE,
+                       "%s: the manifest has an answer guard but no engine computes answer_risk; re-export the "
+                       "bundle",
+                       b->root);
     return sg_ort_check(sg_ort->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &m->cpu), "memory info");
 }
 
@@ -245,9 +254,9 @@ sg_status sg_cache_new(const sg_model *m, int layers, int64_t max_len, sg_kv_cac
 }
 
 sg_status sg_run_decoder(const sg_model *m, const sg_engine *e, OrtValue *x, const sg_attention *att, sg_kv_cache *c,
-                         OrtValue *hidden_into, OrtValue **hidden, OrtValue **risk) {
+                         OrtValue *hidden_into, OrtValue **hidden, OrtValue **risk, OrtValue *answer_into) {
     size_t layers = (size_t)(e->spec->end_layer - e->spec->first_layer);
-    size_t n_in = 3 + 2 * layers, n_out = 1 + (risk ? 1 : 0) + 2 * layers;
+    size_t n_in = 3 + 2 * layers, n_out = 1 + (risk ? 1 : 0) + (answer_into ? 1 : 0) + 2 * layers;
     const char **in_names = calloc(n_in, sizeof *in_names), **out_names = calloc(n_out, sizeof *out_names);
     const OrtValue **in = calloc(n_in, sizeof *in);
     OrtValue **out = calloc(n_out, sizeof *out);
@@ -266,6 +275,7 @@ sg_status sg_run_decoder(const sg_model *m, const sg_engine *e, OrtValue *x, con
         out_names[0] = e->hidden_output, out[0] = hidden_into;
         size_t k = 1;
         if (risk) out_names[k++] = "risk";
+        if (answer_into) out_names[k] = "answer_risk", out[k++] = answer_into;
         for (size_t l = 0; l < layers; l++) {
             int layer = e->spec->first_layer + (int)l;
             in_names[3 + 2 * l] = m->past_key[layer], in[3 + 2 * l] = c->key_values[layer];
@@ -317,7 +327,7 @@ sg_status sg_prefill(const sg_model *m, const int32_t *ids, size_t n, size_t use
     sg_attention att = {(int32_t)n - 1, (int32_t)n};
     for (size_t k = 0; k < n_chain && st == SG_OK; k++) {
         OrtValue *hidden = NULL, *r = NULL;
-        st = sg_run_decoder(m, chain[k], x, &att, c, NULL, &hidden, chain[k]->has_risk ? &r : NULL);
+        st = sg_run_decoder(m, chain[k], x, &att, c, NULL, &hidden, chain[k]->has_risk ? &r : NULL, NULL);
         if (st != SG_OK) break;
         sg_ort->ReleaseValue(x);
         x = hidden;

@@ -18,6 +18,7 @@ typedef struct {
     size_t n_inputs, n_outputs;
     const char *hidden_output; /* "hidden_states" or "last_hidden_state" (decoders) */
     int has_risk;
+    int has_answer_risk; /* the answer guard's per-token risk (the decode engine of the layers before the split) */
 } sg_engine;
 
 struct sg_model {
@@ -28,12 +29,17 @@ struct sg_model {
     sg_engine *embed, *head, *refusal;
     sg_engine **prefill, **decode; /* decoder chains, in layer order */
     size_t n_prefill, n_decode;
-    size_t risk_engine; /* index in `prefill` of the engine with the prober */
+    size_t risk_engine;   /* index in `prefill` of the engine with the prober */
+    size_t answer_engine; /* index in `decode` of the engine with answer_risk; n_decode when none */
     char **past_key, **past_value, **present_key, **present_value;
     OrtMemoryInfo *cpu;
     /* the guard's current threshold, set from any thread, in one word: which (the bundle's guard.tau, an
      * operating point's index + 1, or 0: an explicit tau) << 32 | an explicit tau's float bits */
     _Atomic uint64_t threshold;
+    /* the answer guard's settings, each word set whole from any thread: its threshold (as `threshold`, over
+     * bundle.answer.points) and its mode: enabled | restart << 1 | (uint64_t)hold << 32 */
+    _Atomic uint64_t answer_threshold;
+    _Atomic uint64_t answer_mode;
 };
 
 typedef struct {
@@ -65,9 +71,10 @@ sg_status sg_cache_new(const sg_model *m, int layers, int64_t max_len, sg_kv_cac
 void sg_cache_free(sg_kv_cache *c);
 /* One decoder engine over activations `x` (1, n, d): the cache's rows are both its past and its present
  * (onnxruntime's attention updates the shared buffer in place). Returns its hidden output in *hidden
- * (allocated by onnxruntime unless `hidden_into` is given) and, when asked, its risk output. */
+ * (allocated by onnxruntime unless `hidden_into` is given) and, when asked, its risk output; when
+ * `answer_into` is given, the engine's answer_risk output is written there. */
 sg_status sg_run_decoder(const sg_model *m, const sg_engine *e, OrtValue *x, const sg_attention *att, sg_kv_cache *c,
-                         OrtValue *hidden_into, OrtValue **hidden, OrtValue **risk);
+                         OrtValue *hidden_into, OrtValue **hidden, OrtValue **risk, OrtValue *answer_into);
 float *sg_value_floats(OrtValue *v);
 /* Run a prompt through chain[0..n_chain): embed, then each decoder; the last token's hidden state and the
  * prober's risk (NaN when no engine of the chain has it). */

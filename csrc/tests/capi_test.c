@@ -2,6 +2,7 @@
  * and LeakSanitizer:
  *
  *   capi_test errors BUNDLE CORRUPT_BUNDLE   every error path returns a status and a message, never aborts
+ *                                            (the answer guard's setters too), and a switch that drops held tokens
  *   capi_test threads BUNDLE                 4 threads x 10 answers on one model equal the sequential ones
  *   capi_test cycles BUNDLE N                N load/generate/free cycles (leaks show in LeakSanitizer's report)
  *
@@ -36,6 +37,101 @@ static void expect(sg_status got, sg_status want, const char *what) {
 static int cancel_after_two(int32_t token, const char *piece, size_t length, void *user_data) {
     int *seen = user_data;
     return ++*seen >= 2;
+}
+
+typedef struct {
+    char *data;
+    size_t len;
+} text_buf;
+
+typedef struct {
+    size_t calls;
+    text_buf text;
+} collected;
+
+static int collect(int32_t token, const char *piece, size_t length, void *user_data) {
+    collected *c = user_data;
+    char *grown = realloc(c->text.data, c->text.len + length + 1);
+    if (!grown) return 1;
+    memcpy(grown + c->text.len, piece, length);
+    c->text.data = grown;
+    c->text.len += length;
+    c->text.data[c->text.len] = '\0';
+    c->calls++;
+    return 0;
+}
+
+/* The answer guard's settings and its switch: refused values, and an answer whose held tokens are dropped
+ * (tau 0 with a hold of the window: the first judgement switches) never reaching the callback. */
+static void check_answer_guard(sg_model *m, const sg_message *ok) {
+    sg_answer_guard_info a;
+    expect(sg_model_answer_guard_get(NULL, &a), SG_ERR_INVALID_ARGUMENT, "answer_guard_get(NULL)");
+    expect(sg_model_answer_guard_get(m, NULL), SG_ERR_INVALID_ARGUMENT, "answer_guard_get(m, NULL)");
+    expect(sg_model_answer_guard_get(m, &a), SG_OK, "answer_guard_get");
+    expect(sg_model_set_answer_guard(NULL, 1), SG_ERR_INVALID_ARGUMENT, "set_answer_guard(NULL)");
+    expect(sg_model_set_answer_guard(m, 2), SG_ERR_INVALID_ARGUMENT, "set_answer_guard(2)");
+    if (!a.available) {
+        expect(sg_model_set_answer_guard(m, 1), SG_ERR_UNSUPPORTED, "set_answer_guard(on, none in bundle)");
+        expect(sg_model_set_answer_guard(m, 0), SG_OK, "set_answer_guard(off, none in bundle)");
+        expect(sg_model_set_answer_hold(m, 4), SG_ERR_UNSUPPORTED, "set_answer_hold(none in bundle)");
+        expect(sg_model_set_answer_tau(m, 0.5f), SG_ERR_UNSUPPORTED, "set_answer_tau(none in bundle)");
+        return;
+    }
+    expect(sg_model_set_answer_hold(m, -1), SG_ERR_INVALID_ARGUMENT, "set_answer_hold(-1)");
+    expect(sg_model_set_answer_switch(m, (sg_answer_switch)5), SG_ERR_INVALID_ARGUMENT, "set_answer_switch(5)");
+    expect(sg_model_set_answer_tau(m, NAN), SG_ERR_INVALID_ARGUMENT, "set_answer_tau(NaN)");
+    expect(sg_model_set_answer_tau(m, 1.5f), SG_ERR_INVALID_ARGUMENT, "set_answer_tau(1.5)");
+    expect(sg_model_set_answer_operating_point(m, NULL), SG_ERR_INVALID_ARGUMENT, "set_answer_operating_point(NULL)");
+    expect(sg_model_set_answer_operating_point(m, "loose"), SG_ERR_INVALID_ARGUMENT,
+           "set_answer_operating_point(loose)");
+    CHECK(strstr(sg_last_error(), "balanced") != NULL, "the error names what is available: %s", sg_last_error());
+    expect(sg_model_answer_operating_point_get(m, a.n_operating_points, NULL, NULL), SG_ERR_INVALID_ARGUMENT,
+           "answer_operating_point_get(past the end)");
+    sg_answer_guard_info same;
+    sg_model_answer_guard_get(m, &same);
+    CHECK(same.enabled == a.enabled && same.hold == a.hold && same.switch_mode == a.switch_mode &&
+              same.operating_point == a.operating_point,
+          "a refused setting changes nothing");
+
+    int32_t window = 1;
+    if (a.score && !strncmp(a.score, "window:", 7)) window = atoi(a.score + 7);
+    sg_sampling s = sg_sampling_default();
+    s.max_new_tokens = window + 6;
+    s.ignore_eos = 1;
+    for (int restart = 0; restart < 2; restart++) {
+        expect(sg_model_set_answer_guard(m, 1), SG_OK, "set_answer_guard(on)");
+        expect(sg_model_set_answer_tau(m, 0.0f), SG_OK, "set_answer_tau(0)");
+        expect(sg_model_set_answer_hold(m, window), SG_OK, "set_answer_hold(window)");
+        expect(sg_model_set_answer_switch(m, restart ? SG_ANSWER_RESTART : SG_ANSWER_CONTINUE), SG_OK,
+               "set_answer_switch");
+        expect(sg_model_set_tau(m, 1.0f), SG_OK, "set_tau(1): the prompt guard lets it through");
+        collected c = {0};
+        sg_result r;
+        expect(sg_generate(m, ok, 1, &s, collect, &c, &r), SG_OK, "generate(answer guard, tau 0, hold)");
+        if (!r.fired) {
+            CHECK(r.switch_reason == SG_SWITCH_ANSWER && r.switch_at == 0 && r.dropped_tokens == window,
+                  "the switch at the first judgement drops the held tokens (reason %d at %d, %d dropped)",
+                  (int)r.switch_reason, r.switch_at, r.dropped_tokens);
+            CHECK(!isnan(r.answer_score), "a switch has a score");
+        }
+        CHECK(c.calls == r.n_tokens && c.text.len == r.text_length &&
+                  (!c.text.len || !memcmp(c.text.data, r.text, c.text.len)),
+              "the callback got what the result holds (%zu of %zu tokens)", c.calls, r.n_tokens);
+        sg_result_free(&r);
+        free(c.text.data);
+    }
+    expect(sg_model_set_answer_guard(m, 0), SG_OK, "set_answer_guard(off)");
+    sg_result r;
+    expect(sg_generate(m, ok, 1, &s, NULL, NULL, &r), SG_OK, "generate(answer guard off)");
+    CHECK(r.switch_reason != SG_SWITCH_ANSWER && isnan(r.answer_score) && r.dropped_tokens == 0,
+          "off: no answer switch, no score");
+    sg_result_free(&r);
+    /* the bundle's own settings again */
+    sg_model_set_answer_guard(m, a.enabled);
+    sg_model_set_answer_hold(m, a.hold);
+    sg_model_set_answer_switch(m, a.switch_mode);
+    if (a.operating_point) sg_model_set_answer_operating_point(m, a.operating_point);
+    sg_model_set_operating_point(m, "balanced");
 }
 
 static void check_errors(const char *bundle, const char *corrupt) {
@@ -141,6 +237,7 @@ static void check_errors(const char *bundle, const char *corrupt) {
     } else {
         expect(sg_model_set_tau(m, 0.5f), SG_ERR_NO_GUARD, "set_tau(unguarded bundle)");
     }
+    check_answer_guard(m, &ok);
     expect(sg_generate(m, &ok, 1, &s, NULL, NULL, &r), SG_OK, "generate after the errors");
     sg_result_free(&r);
     sg_result_free(NULL);

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 from ..errors import SteerguardError
 
 FINISH_REASONS = ("stop", "stop_string", "length")
+SWITCH_REASONS = (None, "prompt", "answer")      # sg_switch_reason, as GenerationResult.switch names them
+ANSWER_SWITCHES = ("continue", "restart")       # sg_answer_switch
 CANCELLED = 7
 PACKAGE = Path(__file__).resolve().parents[1]
 NOT_BUILT = ("this steerguard was installed without libsteerguard (its build needs a C compiler and the -dev "
@@ -66,7 +68,15 @@ class _Result(C.Structure):
     _fields_ = [("text", C.c_void_p), ("text_length", C.c_size_t), ("token_ids", C.POINTER(C.c_int32)), ("n_tokens", C.c_size_t),
                 ("prompt_tokens", C.c_size_t), ("risk", C.c_float), ("fired", C.c_int32),
                 ("split_layer", C.c_int32), ("finish_reason", C.c_int), ("prefill_seconds", C.c_double),
-                ("first_token_seconds", C.c_double), ("decode_seconds", C.c_double), ("tau", C.c_float)]
+                ("first_token_seconds", C.c_double), ("decode_seconds", C.c_double), ("tau", C.c_float),
+                ("switch_reason", C.c_int), ("switch_at", C.c_int32), ("answer_score", C.c_float),
+                ("dropped_tokens", C.c_int32)]
+
+
+class _AnswerGuardInfo(C.Structure):
+    _fields_ = [("available", C.c_int32), ("enabled", C.c_int32), ("tau", C.c_float), ("operating_point", C.c_char_p),
+                ("hold", C.c_int32), ("switch_mode", C.c_int), ("score", C.c_char_p),
+                ("n_operating_points", C.c_int32)]
 
 
 class _ModelInfo(C.Structure):
@@ -99,6 +109,11 @@ class NativeResult:
     first_token_s: float
     decode_s: float
     tau: float                  # the threshold the request was judged at (NaN when unguarded)
+    switch: str | None = None           # why the refusal head answers: "prompt", "answer", or None
+    switch_at: int | None = None        # index in token_ids where the refusal head's tokens begin
+    answer_score: float | None = None   # the answer guard's running score at the switch, else its highest (None:
+                                        # not watched, or never judged)
+    dropped_tokens: int = 0             # held-back tokens the answer guard dropped when it switched
 
 
 class NativeLibrary:
@@ -127,6 +142,14 @@ class NativeLibrary:
         lib.sg_model_set_tau.argtypes = [C.c_void_p, C.c_float]
         lib.sg_model_operating_point_get.argtypes = [C.c_void_p, C.c_int32, C.POINTER(C.c_char_p),
                                                      C.POINTER(C.c_float)]
+        lib.sg_model_answer_guard_get.argtypes = [C.c_void_p, C.POINTER(_AnswerGuardInfo)]
+        lib.sg_model_set_answer_guard.argtypes = [C.c_void_p, C.c_int32]
+        lib.sg_model_set_answer_operating_point.argtypes = [C.c_void_p, C.c_char_p]
+        lib.sg_model_set_answer_tau.argtypes = [C.c_void_p, C.c_float]
+        lib.sg_model_set_answer_hold.argtypes = [C.c_void_p, C.c_int32]
+        lib.sg_model_set_answer_switch.argtypes = [C.c_void_p, C.c_int]
+        lib.sg_model_answer_operating_point_get.argtypes = [C.c_void_p, C.c_int32, C.POINTER(C.c_char_p),
+                                                            C.POINTER(C.c_float)]
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "NativeLibrary":
@@ -233,6 +256,69 @@ class NativeModel:
         else:
             self.native.check(lib.sg_model_set_tau(self.handle, float(point)))
 
+    # ---- the answer guard ------------------------------------------------------------------------------
+    @property
+    def answer_guard(self) -> dict:
+        """sg_model_answer_guard_get: available, enabled, tau, operating_point (None for an explicit tau), hold,
+        switch ("continue" or "restart"), score (the running score, e.g. "window:8"), n_operating_points."""
+        out = _AnswerGuardInfo()
+        self.native.check(self.native.lib.sg_model_answer_guard_get(self.handle, C.byref(out)))
+        info = {name: getattr(out, name) for name, _ in _AnswerGuardInfo._fields_}
+        for key in ("operating_point", "score"):
+            info[key] = info[key].decode() if info[key] is not None else None
+        info["available"], info["enabled"] = bool(info["available"]), bool(info["enabled"])
+        info["switch"] = ANSWER_SWITCHES[info.pop("switch_mode")]
+        return info
+
+    @property
+    def answer_points(self) -> dict[str, float]:
+        """The answer guard's named thresholds, lowest tau first: name -> tau ({} without an answer guard)."""
+        out = {}
+        for i in range(self.answer_guard["n_operating_points"]):
+            name, tau = C.c_char_p(), C.c_float()
+            self.native.check(self.native.lib.sg_model_answer_operating_point_get(self.handle, i, C.byref(name),
+                                                                                  C.byref(tau)))
+            out[name.value.decode()] = tau.value
+        return out
+
+    def set_answer_guard(self, enabled: bool | None = None, operating_point: str | float | None = None,
+                         hold: int | None = None, switch: str | int | None = None) -> dict:
+        """As GuardedModel.set_answer_guard: turn the answer guard on or off, pick its threshold (a name or a tau
+        in [0, 1]), the tokens it holds back, and how it switches ("continue" or "restart"; an int is passed to
+        the library as the sg_answer_switch value); None keeps a setting. A refused setting (NativeError) leaves
+        every setting as it was. Returns the new settings (`answer_guard`)."""
+        lib, before = self.native.lib, self.answer_guard
+        if isinstance(switch, str):
+            if switch not in ANSWER_SWITCHES:
+                raise SteerguardError(f"the answer guard switches by continue or restart, not {switch!r}")
+            switch = ANSWER_SWITCHES.index(switch)
+        try:
+            if isinstance(operating_point, str):
+                self.native.check(lib.sg_model_set_answer_operating_point(self.handle, operating_point.encode()))
+            elif operating_point is not None:
+                if isinstance(operating_point, bool):
+                    raise SteerguardError(f"an operating point is a name or a tau between 0 and 1, not {operating_point!r}")
+                self.native.check(lib.sg_model_set_answer_tau(self.handle, float(operating_point)))
+            if hold is not None:
+                if isinstance(hold, bool) or int(hold) != hold:
+                    raise SteerguardError(f"hold is a number of tokens (0 or more), not {hold!r}")
+                self.native.check(lib.sg_model_set_answer_hold(self.handle, min(max(int(hold), -1), 2**31 - 1)))
+            if switch is not None:
+                self.native.check(lib.sg_model_set_answer_switch(self.handle, int(switch)))
+            if enabled is not None:
+                self.native.check(lib.sg_model_set_answer_guard(self.handle, int(bool(enabled))))
+        except SteerguardError:
+            if before["available"]:      # put back what was set before the refused one
+                if before["operating_point"] is not None:
+                    lib.sg_model_set_answer_operating_point(self.handle, before["operating_point"].encode())
+                else:
+                    lib.sg_model_set_answer_tau(self.handle, before["tau"])
+                lib.sg_model_set_answer_hold(self.handle, before["hold"])
+                lib.sg_model_set_answer_switch(self.handle, ANSWER_SWITCHES.index(before["switch"]))
+                lib.sg_model_set_answer_guard(self.handle, int(before["enabled"]))
+            raise
+        return self.answer_guard
+
     def score(self, messages: Sequence[dict]) -> tuple[float, bool]:
         array, _keep = _messages(messages)
         risk, fired = C.c_float(), C.c_int32()
@@ -266,6 +352,9 @@ class NativeModel:
             risk=result.risk, fired=bool(result.fired), split_layer=result.split_layer,
             finish_reason=FINISH_REASONS[result.finish_reason], prompt_tokens=result.prompt_tokens,
             prefill_s=result.prefill_seconds, first_token_s=result.first_token_seconds, decode_s=result.decode_seconds,
-            tau=result.tau)
+            tau=result.tau, switch=SWITCH_REASONS[result.switch_reason],
+            switch_at=result.switch_at if result.switch_at >= 0 else None,
+            answer_score=None if result.answer_score != result.answer_score else result.answer_score,
+            dropped_tokens=result.dropped_tokens)
         lib.sg_result_free(C.byref(result))
         return out
