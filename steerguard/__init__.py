@@ -4,4 +4,4 @@
 Hugging Face model; `steerguard.runtime` and `steerguard.engines` run it without torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

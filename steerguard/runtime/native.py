@@ -159,9 +159,15 @@ class NativeLibrary:
         path = path or library_path()
         _load_onnxruntime_globally()
         try:
-            return cls(C.CDLL(str(path)))
+            found = cls(C.CDLL(str(path)))
         except OSError as e:
             raise SteerguardError(f"{path}: cannot load libsteerguard ({e}); {NOT_BUILT}") from e
+        from .. import __version__
+
+        if found.version != __version__:    # its structs may differ from the ones declared here
+            raise SteerguardError(f"{path} is libsteerguard {found.version}, not this package's {__version__}; "
+                                  f"{NOT_BUILT}")
+        return found
 
     @property
     def version(self) -> str:
