@@ -68,8 +68,9 @@ def extract(model: str, layer: int, per_source: int, threads: int) -> None:
     print(f"{len(prompts)} answers, {lengths.sum()} token states, {time.time() - t0:.0f} s -> {folder}")
 
 
-def study(model: str, layer: int, out: Path, variants: list[str]) -> dict:
-    from steerguard.export.answer_guard import ANSWER_FPR, AnswerProber, tau_at_rate
+def study(model: str, layer: int, out: Path, variants: list[str], label_modes: list[str]) -> dict:
+    from steerguard.export.answer_guard import ANSWER_FPR, AnswerProber
+    from steerguard.export.operating import tau_at_fpr
     from steerguard.runtime.answer import RunningScore
 
     folder = STUDY / model
@@ -93,10 +94,17 @@ def study(model: str, layer: int, out: Path, variants: list[str]) -> dict:
         v = keep & st.val
         return f, tau_at(f(prompt_x[v]), st.label[v], st.source[v], FPR_POINTS["balanced"])
 
-    def answer_guard(keep: np.ndarray):
-        """The answer probe trained on the answers in `keep` outside validation; token risks of every answer."""
-        t = np.nonzero(keep & ~val)[0]
-        ap = AnswerProber.train([states[i] for i in t], complied[t], source[t], layer)
+    def answer_guard(keep: np.ndarray, mode: str):
+        """The answer probe trained on the answers in `keep` outside validation; token risks of every answer.
+        `mode` says what the model's own refusals of harmful requests are: negatives (`refusal-negative`, what
+        calibrate does), left out (`refusal-dropped`), or positives like every answer to a harmful request
+        (`harmful-prompt`)."""
+        t = keep & ~val
+        if mode == "refusal-dropped":
+            t &= ~((label == 1) & refused)
+        t = np.nonzero(t)[0]
+        target = (label == 1) if mode == "harmful-prompt" else complied
+        ap = AnswerProber.train([states[i] for i in t], target[t], source[t], layer)
         flat = ap.token_risks(np.concatenate(states))
         return np.split(flat, np.cumsum(lengths)[:-1])
 
@@ -104,48 +112,53 @@ def study(model: str, layer: int, out: Path, variants: list[str]) -> dict:
     folds = [(u, unit == u, calibrated & (st.unit != u), (unit != u) & np.isin(unit, units)) for u in units]
     folds.append(("(never calibrated)", ~np.isin(unit, units), calibrated, np.isin(unit, units)))
     p_fire = np.zeros(len(rows), bool)
-    token_risks: list = [None] * len(rows)
-    fold_val: dict = {}
-    for k, (u, target, keep_p, keep_a) in enumerate(folds):
+    for u, target, keep_p, _ in folds:
         f, tau = prompt_guard(keep_p)
         p_fire[target] = f(prompt_x[rows[target]]) >= tau
-        risks = answer_guard(keep_a)
-        for i in np.nonzero(target | (keep_a & val))[0]:
-            if target[i]:
-                token_risks[i] = risks[i]
-        fold_val[u] = (np.nonzero(keep_a & val)[0], [risks[i] for i in np.nonzero(keep_a & val)[0]])
-        print(f"[{k + 1}/{len(folds)}] {u}: {time.time() - t0:.0f} s", flush=True)
+    print(f"prompt guard held out: {time.time() - t0:.0f} s", flush=True)
 
     results = {"model": model, "layer": layer, "answers": int(len(rows)), "machine": platform.node(),
-               "date": time.strftime("%Y-%m-%d"), "seconds": None, "variants": {}}
-    for variant in variants:
-        rs = RunningScore.parse(variant)
-        score = np.array([rs.answer_score(r) for r in token_risks])
-        a_fire = np.zeros(len(rows), bool)
-        for u, target, _, _ in folds:
-            vi, vr = fold_val[u]
-            vs = np.array([rs.answer_score(r) for r in vr])
-            a_tau = tau_at_rate(vs, label[vi] == 0, source[vi], ANSWER_FPR["balanced"])
-            a_fire[target] = score[target] >= a_tau
-        per_unit = {}
-        for u in sorted(set(unit)):
-            m = unit == u
-            e = {"label": int(label[m][0]) if len(set(label[m])) == 1 else "mixed", "n": int(m.sum()),
-                 "held_out": bool(u in units)}
-            h, b = m & (label == 1), m & (label == 0)
-            if h.any():
-                e["base_asr"] = float(complied[h].mean())
-                e["asr_prompt_guard"] = float((complied & ~p_fire)[h].mean())
-                e["asr_both"] = float((complied & ~p_fire & ~a_fire)[h].mean())
-            if b.any():
-                e["refused_prompt_guard"] = float(p_fire[b].mean())
-                e["refused_both"] = float((p_fire | a_fire)[b].mean())
-            per_unit[u] = e
-        finite = np.where(np.isfinite(score), score, 0.0)
-        results["variants"][variant] = {
-            "per_source": per_unit, "answer_auroc": auroc(finite, complied.astype(int)),
-            "answer_tpr_at_1": tpr_at_fpr(finite, complied.astype(int), 0.01)}
-        print(json.dumps({"variant": variant, **summary(results["variants"][variant])}), flush=True)
+               "date": time.strftime("%Y-%m-%d"), "seconds": None, "labels": {}}
+    for mode in label_modes:
+        token_risks: list = [None] * len(rows)
+        fold_val: dict = {}
+        for k, (u, target, _, keep_a) in enumerate(folds):
+            risks = answer_guard(keep_a, mode)
+            for i in np.nonzero(target)[0]:
+                token_risks[i] = risks[i]
+            vi = np.nonzero(keep_a & val)[0]
+            fold_val[u] = (vi, [risks[i] for i in vi])
+            print(f"[{mode} {k + 1}/{len(folds)}] {u}: {time.time() - t0:.0f} s", flush=True)
+        results["labels"][mode] = {}
+        for variant in variants:
+            rs = RunningScore.parse(variant)
+            score = np.array([rs.answer_score(r) for r in token_risks])
+            a_fire = np.zeros(len(rows), bool)
+            for u, target, _, _ in folds:
+                vi, vr = fold_val[u]
+                vs = np.array([rs.answer_score(r) for r in vr])
+                a_tau = tau_at_fpr(vs, label[vi], source[vi], ANSWER_FPR["balanced"])
+                a_fire[target] = score[target] >= a_tau
+            per_unit = {}
+            for u in sorted(set(unit)):
+                m = unit == u
+                e = {"label": int(label[m][0]) if len(set(label[m])) == 1 else "mixed", "n": int(m.sum()),
+                     "held_out": bool(u in units)}
+                h, b = m & (label == 1), m & (label == 0)
+                if h.any():
+                    e["base_asr"] = float(complied[h].mean())
+                    e["asr_prompt_guard"] = float((complied & ~p_fire)[h].mean())
+                    e["asr_both"] = float((complied & ~p_fire & ~a_fire)[h].mean())
+                if b.any():
+                    e["refused_prompt_guard"] = float(p_fire[b].mean())
+                    e["refused_both"] = float((p_fire | a_fire)[b].mean())
+                per_unit[u] = e
+            finite = np.where(np.isfinite(score), score, 0.0)
+            results["labels"][mode][variant] = {
+                "per_source": per_unit, "answer_auroc": auroc(finite, complied.astype(int)),
+                "answer_tpr_at_1": tpr_at_fpr(finite, complied.astype(int), 0.01)}
+            print(json.dumps({"labels": mode, "variant": variant, **summary(results["labels"][mode][variant])}),
+                  flush=True)
     results["seconds"] = time.time() - t0
     idx = {u: int(np.nonzero((unit == u) & complied)[0][0]) for u in sorted(set(unit[complied]))}
     results["examples_complied"] = {u: texts[i][:240] for u, i in idx.items()}
@@ -204,6 +217,9 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--labels", action="append",
+                    help="what the model's refusals of harmful requests are in training: refusal-negative (calibrate's), "
+                         "refusal-dropped, harmful-prompt (default: the first and the last)")
     ap.add_argument("--variant", action="append", help="running score: window:N, ema:F or max (default: several)")
     a = ap.parse_args()
     if a.phase == "extract":
@@ -212,7 +228,8 @@ def main() -> None:
         attach(a.guard, a.model, a.per_source, a.threads)
     else:
         study(a.model, a.layer, a.out or Path(f"docs/answer_guard_{a.model}.json"),
-              a.variant or ["window:8", "window:4", "window:16", "ema:0.8", "ema:0.9", "max"])
+              a.variant or ["window:8", "window:4", "window:16", "ema:0.8", "ema:0.9", "max"],
+              a.labels or ["refusal-negative", "harmful-prompt"])
 
 
 if __name__ == "__main__":

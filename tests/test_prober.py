@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from steerguard.errors import SteerguardError
-from steerguard.export.calibrate import operating_points, roc_table, source_balanced_weights, tau_at_fpr
+from steerguard.export.calibrate import operating_points, roc_table, source_balanced_weights
+from steerguard.export.operating import tau_at_fpr
 from steerguard.export.prober import Prober, auroc
 
 

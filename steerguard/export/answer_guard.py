@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import SteerguardError
 from ..runtime.answer import RunningScore
+from .operating import tau_at_fpr
 from .prober import Prober, source_erasure
 
 DEFAULT_SCORE = "window:8"
@@ -71,7 +72,7 @@ class AnswerProber:
         complied, benign = np.asarray(complied, bool), np.asarray(benign, bool)
         names = [n for n in np.unique(sources[benign])]
         for name, rate in ANSWER_FPR.items():
-            tau = tau_at_rate(s, benign, sources, rate)
+            tau = tau_at_fpr(s, (~benign).astype(int), sources, rate)
             fired = s >= tau
             self.operating_points[name] = {
                 "tau": tau, "target_fpr": rate,
@@ -118,15 +119,6 @@ def _balanced(y: np.ndarray, sources: np.ndarray) -> np.ndarray:
     for c in (0, 1):
         w[y == c] /= w[y == c].sum()
     return w
-
-
-def tau_at_rate(score: np.ndarray, benign: np.ndarray, sources: np.ndarray, rate: float) -> float:
-    """The lowest tau at which the benign sources' mean share of answers scoring >= tau is at most `rate`."""
-    groups = [np.sort(score[benign & (sources == n)]) for n in np.unique(sources[benign])]
-    candidates = np.unique(np.concatenate([score[np.isfinite(score)], [0.0, 1.0]]))
-    rates = np.mean([(len(g) - np.searchsorted(g, candidates, "left")) / len(g) for g in groups], axis=0)
-    ok = np.nonzero(rates <= rate)[0]
-    return float(min(candidates[ok[0]], 1.0)) if len(ok) else float(np.nextafter(np.float32(1.0), np.float32(2.0)))
 
 
 def answer_manifest(a: AnswerProber) -> dict:

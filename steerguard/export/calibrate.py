@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import SteerguardError
 from .answer_guard import calibrate_answer_guard
+from .operating import tau_at_fpr
 from .augment import augment_pairs
 from .data import Pair, Prompt, PromptSet, default_benign, default_pairs, evaluation_sets, public_sets
 from .guard import Guard
@@ -264,20 +265,6 @@ def source_balanced_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarr
     for c in (0, 1):
         w[labels == c] /= w[labels == c].sum()
     return w
-
-
-def tau_at_fpr(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, fpr: float) -> float:
-    """The lowest threshold at which the benign sources' mean fire rate (`risk >= tau`) is at most `fpr`: a
-    large benign source cannot hide a small one's false fires. NaN risks count as firing."""
-    risk = np.nan_to_num(np.asarray(risk, np.float64), nan=np.inf)
-    benign = [np.sort(risk[(labels == 0) & (sources == s)]) for s in np.unique(sources[labels == 0])]
-    if not benign:
-        return 0.5
-    candidates = np.unique(np.concatenate([risk[np.isfinite(risk)], [0.0, 1.0]]))
-    rates = np.mean([len(b) - np.searchsorted(b, candidates, "left") for b in benign] /
-                    np.array([len(b) for b in benign])[:, None], axis=0)
-    ok = np.nonzero(rates <= fpr)[0]
-    return float(candidates[ok[0]]) if len(ok) else float(np.nextafter(np.float32(1.0), np.float32(2.0)))
 
 
 def operating_points(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, rates: dict[str, float]) -> dict:

@@ -1,4 +1,4 @@
-"""Operating points on the export side: the ROC plot with the named thresholds marked (a bundle's
+"""Operating points on the export side: the threshold at a false-fire rate, the ROC plot with the named thresholds marked (a bundle's
 report/roc.png, from calibration's held-out ROC) and the points read on an evaluation run's own risks
 (`steerguard eval`). The runtime reads the table itself from the manifest (runtime/model.py)."""
 
@@ -56,3 +56,17 @@ def points_on_run(results, points: dict[str, dict]) -> dict[str, dict]:
                      "fire_rates": {s: float(f.mean()) for s, f in fired.items() if len(f)},
                      "held_out_fpr": p.get("fpr"), "held_out_tpr": p.get("tpr")}
     return out
+
+
+def tau_at_fpr(risk: np.ndarray, labels: np.ndarray, sources: np.ndarray, fpr: float) -> float:
+    """The lowest threshold at which the benign sources' mean fire rate (`risk >= tau`) is at most `fpr`: a
+    large benign source cannot hide a small one's false fires. NaN risks count as firing."""
+    risk = np.nan_to_num(np.asarray(risk, np.float64), nan=np.inf)
+    benign = [np.sort(risk[(labels == 0) & (sources == s)]) for s in np.unique(sources[labels == 0])]
+    if not benign:
+        return 0.5
+    candidates = np.unique(np.concatenate([risk[np.isfinite(risk)], [0.0, 1.0]]))
+    rates = np.mean([len(b) - np.searchsorted(b, candidates, "left") for b in benign] /
+                    np.array([len(b) for b in benign])[:, None], axis=0)
+    ok = np.nonzero(rates <= fpr)[0]
+    return float(candidates[ok[0]]) if len(ok) else float(np.nextafter(np.float32(1.0), np.float32(2.0)))
