@@ -21,6 +21,13 @@ def add_options(ap: argparse.ArgumentParser) -> None:
         "--model", default=str(PEERS / "genai-fp32"), help="genai model folder (genai-fp32 or genai-int4)"
     )
     ap.add_argument("--name", default=None, help="result name (default: genai-<folder name>)")
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=0,
+        help="KV cache capacity (default: prompt + new tokens); a model with a sliding window needs at least the "
+        "window (Gemma 3: 512), onnxruntime's attention refuses a smaller cache",
+    )
 
 
 def main() -> None:
@@ -37,7 +44,9 @@ def main() -> None:
     def generate(prompt: list[int], new_tokens: int) -> Generation:
         total = len(prompt) + new_tokens
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=1)
+        params.set_search_options(
+            do_sample=False, max_length=max(total, args.max_length), min_length=total, batch_size=1
+        )
         generator = og.Generator(model, params)
         tokens: list[int] = []
         t_start = time.perf_counter()
