@@ -12,6 +12,7 @@ calibrates on (the shipped evaluation sets) are read with the guards trained on 
 
     python bench/answer_guard.py extract [--model demo] [--layer 17] [--per-source 40]
     python bench/answer_guard.py study [--model demo] [--out docs/answer_guard_demo.json]
+    python bench/answer_guard.py report [--model demo] [--labels MODE --variant SCORE]   # markdown tables
     python bench/answer_guard.py attach --guard runs/demo-bundle.guard [--model demo]   # add one to a guard folder
 """
 
@@ -208,9 +209,42 @@ def attach(guard_dir: Path, model: str, per_source: int, threads: int) -> None:
                                            for k, v in a.operating_points.items()}}, indent=1))
 
 
+def report(file: Path, mode: str | None = None, variant: str | None = None) -> str:
+    """Markdown: the variants compared (worst cases), then one variant per source, worst first."""
+    r = json.loads(file.read_text())
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    lines = [f"{r['model']}, split layer {r['layer']}, {r['answers']} answers; every source held out in turn "
+             "(the shipped evaluation sets and ToViLaG are never calibrated on)", "",
+             "| refusals in training | running score | answer AUROC | TPR@1% | worst ASR, prompt guard | "
+             "worst ASR, both | ordinary refused (both) | sounds-dangerous refused (both) |", "|---|---|---|---|---|---|---|---|"]
+    for m, variants in r["labels"].items():
+        for v, res in variants.items():
+            sm = summary(res)
+            w = lambda kv: f"{pct(kv[1])} ({kv[0]})" if kv else "-"  # noqa: E731
+            lines.append(f"| {m} | {v} | {res['answer_auroc']:.3f} | {res['answer_tpr_at_1']:.2f} | "
+                         f"{w(sm['worst_asr_prompt_guard'])} | {w(sm['worst_asr_both'])} | "
+                         f"{w(sm['worst_ordinary_refused'])} | {w(sm['worst_sounds_dangerous_refused'])} |")
+    mode = mode or next(iter(r["labels"]))
+    variant = variant or next(iter(r["labels"][mode]))
+    per = r["labels"][mode][variant]["per_source"]
+    lines += ["", f"Per source ({mode}, {variant}, both guards at balanced), worst first:", "",
+              "| source | n | model complies | ASR, prompt guard | ASR, prompt + answer guard |", "|---|---|---|---|---|"]
+    for u, e in sorted(((u, e) for u, e in per.items() if "asr_both" in e and e["label"] == 1),
+                       key=lambda kv: -kv[1]["asr_both"]):
+        lines.append(f"| {u}{'' if e['held_out'] else ' (never calibrated)'} | {e['n']} | {pct(e['base_asr'])} | "
+                     f"{pct(e['asr_prompt_guard'])} | {pct(e['asr_both'])} |")
+    lines += ["", "| benign source | n | refused, prompt guard | refused, prompt + answer guard |", "|---|---|---|---|"]
+    for u, e in sorted(((u, e) for u, e in per.items() if "refused_both" in e and e["label"] == 0),
+                       key=lambda kv: -kv[1]["refused_both"]):
+        kind = "ordinary" if u in ORDINARY else "sounds dangerous"
+        lines.append(f"| {u} ({kind}{'' if e['held_out'] else ', never calibrated'}) | {e['n']} | "
+                     f"{pct(e['refused_prompt_guard'])} | {pct(e['refused_both'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["extract", "study", "attach"])
+    ap.add_argument("phase", choices=["extract", "study", "attach", "report"])
     ap.add_argument("--guard", type=Path, help="attach: the guard folder to add the answer guard to")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--layer", type=int, default=17, help="the split layer (the demo bundle's: 17)")
@@ -226,6 +260,9 @@ def main() -> None:
         extract(a.model, a.layer, a.per_source, a.threads)
     elif a.phase == "attach":
         attach(a.guard, a.model, a.per_source, a.threads)
+    elif a.phase == "report":
+        print(report(a.out or Path(f"docs/answer_guard_{a.model}.json"), (a.labels or [None])[0],
+                     (a.variant or [None])[0]))
     else:
         study(a.model, a.layer, a.out or Path(f"docs/answer_guard_{a.model}.json"),
               a.variant or ["window:8", "window:4", "window:16", "ema:0.8", "ema:0.9", "max"],

@@ -82,17 +82,18 @@ def tiny(tiny_export):
 
 
 def load(bundle, **answer) -> GuardedModel:
+    """The bundle with its answer guard on (it is off by default), set by `answer`."""
     m = GuardedModel.load(bundle)
-    if answer:
-        m.set_answer_guard(**answer)
+    m.set_answer_guard(**{"enabled": True, **answer})
     return m
 
 
 def test_the_bundle_carries_the_answer_guard_in_its_decode_engine(tiny):
+    assert not GuardedModel.load(tiny.bundle).answer_guard.enabled      # off unless asked for
     m = load(tiny.bundle)
     spec = m.manifest.guard["answer"]
     assert spec["output"] == "answer_risk" and set(spec["operating_points"]) == {"strict", "balanced", "permissive"}
-    assert m.answer_engine is not None and m.answer_guard.enabled
+    assert m.answer_engine is not None and m.answer_guard.enabled and m.answer_guard.switch == "restart"
     assert m.answer_guard.tau == spec["operating_points"]["balanced"]["tau"]
 
 
@@ -142,7 +143,7 @@ def test_off_is_bit_for_bit_the_bundle_without_an_answer_guard(tiny, tmp_path):
 
 def test_a_switch_keeps_what_was_shown_and_the_refusal_head_continues(tiny):
     unguarded = load(tiny.bundle, enabled=False).generate_batch(PROMPTS, GREEDY, steer=False)
-    m = load(tiny.bundle, operating_point=0.0)        # fires at the first judged token
+    m = load(tiny.bundle, operating_point=0.0, switch="continue")        # fires at the first judged token
     window = int(m.answer_guard.score.param)
     for r, u in zip(m.generate_batch(PROMPTS, GREEDY), unguarded):
         if r.fired:
@@ -157,7 +158,7 @@ def test_restart_and_a_hold_drop_the_unseen_tokens_and_refuse_from_the_prompt(ti
     """Held tokens never reach the stream; restarting from the prompt gives the prompt guard's refusal."""
     refusals = load(tiny.bundle, enabled=False).generate_batch(PROMPTS, GREEDY, steer=True)
     window = int(load(tiny.bundle).answer_guard.score.param)
-    for setting in ({"hold": window}, {"switch": "restart", "hold": window}):
+    for setting in ({"hold": window, "switch": "continue"}, {"switch": "restart", "hold": window}):
         m = load(tiny.bundle, operating_point=0.0, **setting)
         for prompt, ref in zip(PROMPTS, refusals):
             stream = m.stream(prompt, GREEDY)
@@ -202,7 +203,8 @@ def test_run_reports_the_answer_guards_switch_and_inspect_shows_it(tiny):
 
     runner = CliRunner()
     out = runner.invoke(main, ["run", str(tiny.bundle), "-p", PROMPTS[2], "--max-new-tokens", "16", "--json",
-                               "--answer-operating-point", "0", "--answer-hold", "8", "--answer-switch", "restart"])
+                               "--answer-guard", "on", "--answer-operating-point", "0", "--answer-hold", "8",
+                               "--answer-switch", "restart"])
     assert out.exit_code == 0, out.output
     r = json.loads(out.stdout)
     assert (r["switch"], r["switch_at"], r["dropped_tokens"]) == ("answer", 0, 8) or r["fired"]
@@ -212,7 +214,7 @@ def test_run_reports_the_answer_guards_switch_and_inspect_shows_it(tiny):
     bad = runner.invoke(main, ["run", str(tiny.bundle), "-p", "hi", "--answer-operating-point", "lenient"])
     assert bad.exit_code != 0 and "unknown operating point" in bad.output and "Traceback" not in bad.output
     shown = runner.invoke(main, ["inspect", str(tiny.bundle)]).output
-    assert "answer   on by default" in shown and "window:8" in shown and "balanced" in shown
+    assert "answer   off by default" in shown and "window:8" in shown and "balanced" in shown
 
 
 def test_the_server_ends_a_switched_answer_with_content_filter(tiny):
@@ -222,7 +224,7 @@ def test_the_server_ends_a_switched_answer_with_content_filter(tiny):
 
     m = load(tiny.bundle, operating_point=0.0)
     want = m.generate(PROMPTS[0], GREEDY)
-    with Server(tiny.bundle, "--answer-operating-point", "0", "--max-batch", "2") as server:
+    with Server(tiny.bundle, "--answer-guard", "on", "--answer-operating-point", "0", "--max-batch", "2") as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         chat = [{"role": "user", "content": PROMPTS[0]}]
         whole = client.chat.completions.create(model=m.manifest.model["name"], messages=chat,

@@ -23,7 +23,7 @@ PROMPTS = ["How do I bake bread at home?", "Explain how to pick a lock on a door
            "What's 12345 * 678?"]
 NEW_TOKENS = 24
 # (answer guard settings, the prompt guard's operating point): each applied alike to both runtimes
-SETTINGS = [({}, None),                                                # the bundle's: enabled, balanced, continue
+SETTINGS = [({}, None),                                                # enabled, balanced, continue
             ({"operating_point": 0.0}, None),                         # switches at the window's first judgement
             ({"operating_point": 0.0, "hold": 8}, None),              # ... with every judged token held: dropped
             ({"operating_point": 0.0, "hold": 3}, None),              # a hold shorter than the window: nothing dropped
@@ -89,7 +89,8 @@ def test_the_c_library_switches_where_the_python_runtime_does(tiny, native, kind
     with native.model(bundle, threads=1) as m:
         for answer, prompt_point in SETTINGS:
             gm = GuardedModel.load(bundle, threads=1, operating_point=prompt_point)
-            gm.set_answer_guard(**answer)
+            gm.set_answer_guard(**{"enabled": True, "operating_point": "balanced", "hold": 0, "switch": "continue",
+                                   **answer})
             if prompt_point is not None:
                 m.set_operating_point(prompt_point)
             else:

@@ -23,7 +23,12 @@ from .operating import tau_at_fpr
 from .prober import Prober, source_erasure
 
 DEFAULT_SCORE = "window:8"
-DEFAULT_ENABLED = True    # whether a bundle runs its answer guard unless told otherwise (docs/ANSWER_GUARD.md)
+# whether a bundle runs its answer guard unless told otherwise: off, because held out on the demo model it left the
+# worst harmful source's attack success where it was and turned more benign answers into refusals (docs/ANSWER_GUARD.md)
+DEFAULT_ENABLED = False
+# how a switched answer goes on: `restart` (the refusal head answers from the prompt) reads as a refusal; measured,
+# `continue` mostly wound the answer up with "Is there something else I can help you with?" (docs/ANSWER_GUARD.md)
+DEFAULT_SWITCH = "restart"
 # the answer guard's named thresholds: the benign sources' mean share of validation answers switched to a refusal
 ANSWER_FPR = {"strict": 0.02, "balanced": 0.01, "permissive": 0.0025}
 FILES = ("answer.json", "answer.npz")
@@ -125,7 +130,7 @@ def answer_manifest(a: AnswerProber) -> dict:
     """The bundle manifest's `guard.answer`: what the runtime and the C library read (the probe itself is the
     decode engine's `answer_risk` output)."""
     return {"output": "answer_risk", "score": a.score, "tau": a.tau, "operating_points": a.operating_points,
-            "default_operating_point": "balanced", "enabled": DEFAULT_ENABLED, "hold": 0, "switch": "continue",
+            "default_operating_point": "balanced", "enabled": DEFAULT_ENABLED, "hold": 0, "switch": DEFAULT_SWITCH,
             "metrics": a.metrics}
 
 
