@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from ..errors import SteerguardError
-from .options import (answer_guard_options, backend_options, decision, describe_point, load_bundle, operating_point_option,
+from .options import (answer_guard_options, backend_options, chat_template_kwargs_option, decision, describe_point,
+                      load_bundle, operating_point_option,
                       operating_point_table, sampling_options, torch_threads)
 
 
@@ -32,8 +33,9 @@ from .options import (answer_guard_options, backend_options, decision, describe_
                    "for an int4 bundle, which keeps the guard's decisions.")
 @click.option("--prober-precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True)
 @click.option("--context", type=int, default=None, help="Longest sequence the bundle serves (default: the model's).")
+@chat_template_kwargs_option
 def export(model, out, guard_dir, unguarded, precision, block_size, head_block_size, pre_precision,
-           prober_precision, context):
+           prober_precision, context, chat_template_kwargs):
     """Export MODEL as a bundle: the engine chain split at the guard's layer with the prober (and the answer
     guard's prober) fused into the `pre` engine, the heads, tokenizer, chat template and a manifest pinning
     every file. MODEL is a Hugging Face folder, a .gguf file, a model id in the local HF cache, or a named
@@ -43,7 +45,7 @@ def export(model, out, guard_dir, unguarded, precision, block_size, head_block_s
     from ..export.bundle import export_bundle
     from ..export.calibrate import CalibrationConfig, CalibrationData, calibrate
     from ..export.guard import Guard
-    from ..export.models import load_model
+    from ..export.models import load_model, set_chat_template_kwargs
 
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise SteerguardError(f"{out} exists and is not a bundle; choose another folder")
@@ -57,10 +59,15 @@ def export(model, out, guard_dir, unguarded, precision, block_size, head_block_s
     if pre_precision:
         check_precision(pre_precision, block_size)
     guard = Guard.load(guard_dir) if guard_dir else None
+    if guard is not None and guard.calibration.get("chat_template_kwargs", {}) != chat_template_kwargs:
+        raise SteerguardError(f"{guard_dir} was calibrated with --chat-template-kwargs "
+                              f"{json.dumps(guard.calibration.get('chat_template_kwargs', {}))}: export with the same")
     lm = load_model(model)
+    set_chat_template_kwargs(lm, chat_template_kwargs)
     if guard is None and not unguarded:
         click.echo("no --guard given: calibrating one with the shipped data first", err=True)
         guard = calibrate(lm, CalibrationData.default(), CalibrationConfig())
+        guard.calibration["chat_template_kwargs"] = chat_template_kwargs
         guard.save(out.with_name(out.name + ".guard"))
         click.echo(f"guard saved to {out.with_name(out.name + '.guard')}", err=True)
     export_bundle(lm, guard, out, precision=precision, block_size=block_size, head_block_size=head_block_size,

@@ -10,7 +10,8 @@ import click
 
 from ..errors import SteerguardError
 from ..export.prober import DEFAULT_ERASE_SOURCES, DEFAULT_FEATURE, DEFAULT_PROBE, PROBES
-from .options import answer_guard_options, check_output, operating_point_option, sampling_options, torch_threads
+from .options import (answer_guard_options, chat_template_kwargs_option, check_output, operating_point_option,
+                      sampling_options, torch_threads)
 
 
 @click.command()
@@ -61,10 +62,11 @@ from .options import answer_guard_options, check_output, operating_point_option,
 @click.option("--answer-per-source", type=int, default=40, show_default=True,
               help="Calibration prompts per source the model answers to train the answer guard.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@chat_template_kwargs_option
 def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, caption_col, image_col, image_root,
               caption_for_missing_image, vlsafe, harmful_files, benign_files, no_defaults, layer, feature,
               probe, max_per_source, refusal_targets, refusal_epochs, pair_subspace, erase_sources, answer_guard,
-              answer_per_source, seed):
+              answer_per_source, seed, chat_template_kwargs):
     """Calibrate a guard for MODEL: a Hugging Face model folder, a .gguf file, a model id in the
     local HF cache, or a named model fetched once into ~/.cache/steerguard: 'demo' (SmolLM2-135M-Instruct),
     'reference' (Qwen2.5-Coder-0.5B-Instruct) or 'gemma3-270m' (Gemma 3 270M, the pretrained base model).
@@ -74,7 +76,7 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     torch_threads()
     from ..export.calibrate import CalibrationConfig, CalibrationData, calibrate as run
     from ..export.data import load_pairs, load_vlsafe
-    from ..export.models import load_model
+    from ..export.models import load_model, set_chat_template_kwargs
 
     data = CalibrationData.default() if not no_defaults else CalibrationData(pairs=[])
     if pairs_files:
@@ -94,7 +96,9 @@ def calibrate(model, out, pairs_files, harmful_col, benign_col, refusal_col, cap
     check_output(out)
     data.check()
     lm = load_model(model)
+    set_chat_template_kwargs(lm, chat_template_kwargs)
     guard = run(lm, data, cfg)
+    guard.calibration["chat_template_kwargs"] = chat_template_kwargs
     guard.save(out)
     _print_summary(guard, out)
 

@@ -87,6 +87,27 @@ def answer_guard_options(f):
     return wrapper
 
 
+def chat_template_kwargs_option(f):
+    """--chat-template-kwargs JSON -> `chat_template_kwargs` (a dict, empty when not given)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return {}
+        import json
+
+        try:
+            parsed = json.loads(value)
+        except ValueError as e:
+            raise click.BadParameter(f"not JSON ({e.msg}); e.g. '{{\"enable_thinking\": false}}'") from None
+        if not isinstance(parsed, dict):
+            raise click.BadParameter("give a JSON object, e.g. '{\"enable_thinking\": false}'")
+        return parsed
+
+    return click.option("--chat-template-kwargs", "chat_template_kwargs", default=None, callback=parse,
+                        metavar="JSON",
+                        help="Variables for the model's chat template, fixed for calibration and in the bundle, e.g. "
+                             "'{\"enable_thinking\": false}' for Qwen3 (default: what the template does without them).")(f)
+
+
 def backend_options(f):
     """--backend and --fallback-cpu, passed on as `backend` and `fallback_cpu`."""
     f = click.option("--fallback-cpu", is_flag=True, help="Run on the CPU when the backend is not available here.")(f)

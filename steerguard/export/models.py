@@ -330,3 +330,24 @@ def _finish(model, tokenizer, source: str, name: str, sha: str) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = True
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, name=name, sha256=sha)
+
+
+def set_chat_template_kwargs(lm: LoadedModel, kwargs: dict) -> None:
+    """Fix template variables (Qwen3's `enable_thinking`, ...) by setting them at the top of the model's chat
+    template, so every renderer — calibration's, the bundle's Jinja in the runtime, the chat pieces the C library
+    renders — reads the same conversation. The bundle's template carries them."""
+    if not kwargs:
+        return
+    template = getattr(lm.tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        raise SteerguardError(f"{lm.name} has no chat template to pass --chat-template-kwargs to")
+    lines = []
+    for name, value in kwargs.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise SteerguardError(f"--chat-template-kwargs: {name!r} is not a template variable name")
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise SteerguardError(f"--chat-template-kwargs: {name} must be true, false, null, a number or a string")
+        literal = "none" if value is None else "true" if value is True else "false" if value is False \
+            else json.dumps(value)
+        lines.append(f"{{%- set {name} = {literal} %}}")
+    lm.tokenizer.chat_template = "".join(lines) + template
