@@ -58,8 +58,8 @@ def operating_point_option(f):
 
 
 ANSWER_GUARD_HELP = ("Watch the answer as it is written and switch it to the refusal head when its running risk "
-                     "crosses the answer guard's threshold (default: what the bundle says; `steerguard inspect` "
-                     "shows it).")
+                     "crosses the answer guard's threshold (default: what the bundle says, off in bundles exported "
+                     "now; `steerguard inspect` shows it).")
 
 
 def answer_guard_options(f):
@@ -73,8 +73,8 @@ def answer_guard_options(f):
                          help="Keep the first N answer tokens back until the answer guard has seen them (a "
                               "switch then drops them); 0 streams at once (the default)."),
             click.option("--answer-switch", type=click.Choice(["continue", "restart"]), default=None,
-                         help="On a switch the refusal head continues after what was shown (default), or restarts "
-                              "from the prompt.")]
+                         help="On a switch the refusal head answers from the prompt (restart: what the bundle says "
+                              "unless exported before it), or carries on after what was shown (continue).")]
 
     def wrapper(*args, answer_guard, answer_operating_point, answer_hold, answer_switch, **kw):
         answer = {"enabled": None if answer_guard is None else answer_guard == "on",
