@@ -32,7 +32,7 @@ from ..errors import SteerguardError
 from .chat import TextStream
 from .answer import AnswerWatch
 from .model import (DecodeStep, GenerationResult, GuardedModel, KVCache, OperatingPoint, PrefixKV, Prompt, Request,
-                    SwitchRecord, _held_back)
+                    SwitchRecord, _held_back, switch_fields)
 from .sampling import Sampling, sample
 
 
@@ -537,10 +537,7 @@ class ContinuousBatcher:
         t.emit(Finished(GenerationResult(
             text=text, token_ids=row.tokens, risk=row.risk, fired=row.fired, split_layer=m.split_layer,
             finish_reason=reason, prompt_tokens=len(t.prompt.ids),
-            switch=row.switch.reason if row.switch else None, switch_at=row.switch.at if row.switch else None,
-            answer_score=(row.switch.score if row.switch and row.switch.reason == "answer" else
-                          row.watch.peak if row.watch is not None else None),
-            dropped_tokens=row.switch.dropped if row.switch else 0,
+            **switch_fields(row.switch, row.watch),
             timings={"queued_s": row.admitted - t.submitted, "first_token_s": row.first_token - t.submitted,
                      "decode_s": decode_s, "decode_steps": row.steps, "new_tokens": len(row.tokens),
                      "decode_tok_s": row.steps / decode_s if decode_s > 0 and row.steps else None},

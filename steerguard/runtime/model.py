@@ -661,7 +661,7 @@ class GuardedModel:
         fired = np.array([self.decide(r, tau) if steer is None else steer for r, (tau, _) in zip(risks, points)])
         if fired.any() and self.refusal is None:
             raise SteerguardError("this bundle has no refusal head")
-        risks_at_prefill, prefill_fired = risks, fired.copy()
+        prefill_fired = fired.copy()      # `fired` also takes the rows the answer guard switches
         t_prefill = time.perf_counter()
 
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -740,19 +740,15 @@ class GuardedModel:
             if reasons[r] == "stop_string":
                 text = text[:min(text.find(x) for x in s.stop if x in text)]
             decode_s = t_end - t_first
-            sw = switches[r]
             results.append(GenerationResult(
-                text=text, token_ids=tokens[r], risk=risks_at_prefill[r], fired=bool(prefill_fired[r]),
+                text=text, token_ids=tokens[r], risk=risks[r], fired=bool(prefill_fired[r]),
                 split_layer=self.split_layer, finish_reason=reasons[r], prompt_tokens=len(prompts[r]),
                 timings={"prefill_s": t_prefill - t0, "first_token_s": t_first - t0, "decode_s": decode_s,
                          "decode_steps": n_steps, "new_tokens": len(tokens[r]),
                          "per_token_ms": 1000 * decode_s / n_steps if n_steps else None,
                          "decode_tok_s": n_steps / decode_s if decode_s > 0 and n_steps else None},
                 tau=points[r][0], operating_point=points[r][1],
-                switch=sw.reason if sw else None, switch_at=sw.at if sw else None,
-                answer_score=sw.score if sw and sw.reason == "answer" else
-                (watches[r].peak if watches[r] is not None else None),
-                dropped_tokens=sw.dropped if sw else 0))
+                **switch_fields(switches[r], watches[r])))
         return results
 
     def stream(self, request: Request, sampling: Sampling | None = None,
@@ -768,6 +764,15 @@ class SwitchRecord:
     at: int                 # tokens of the answer kept before the refusal's
     score: float | None = None
     dropped: int = 0
+
+
+def switch_fields(switch: SwitchRecord | None, watch: AnswerWatch | None) -> dict:
+    """A GenerationResult's switch, switch_at, answer_score and dropped_tokens from a row's switch record and, while
+    it still watches, its answer guard (whose highest score is the answer's)."""
+    if switch is None:
+        return {"answer_score": watch.peak if watch is not None else None}
+    return {"switch": switch.reason, "switch_at": switch.at, "dropped_tokens": switch.dropped,
+            "answer_score": switch.score if switch.reason == "answer" else None}
 
 
 class PrefixKV:
