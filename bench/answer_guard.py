@@ -13,6 +13,7 @@ calibrates on (the shipped evaluation sets) are read with the guards trained on 
     python bench/answer_guard.py extract [--model demo] [--layer 17] [--per-source 40]
     python bench/answer_guard.py study [--model demo] [--out docs/answer_guard_demo.json]
     python bench/answer_guard.py report [--model demo] [--labels MODE --variant SCORE]   # markdown tables
+    python bench/answer_guard.py curve [--model demo]      # how many answers, how many tokens calibration needs
     python bench/answer_guard.py attach --guard runs/demo-bundle.guard [--model demo]   # add one to a guard folder
 """
 
@@ -48,7 +49,7 @@ def sample_rows(study: Study, per_source: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def extract(model: str, layer: int, per_source: int, threads: int) -> None:
+def extract(model: str, layer: int, per_source: int, threads: int, tokens: int = 48, writer: str = "auto") -> None:
     import torch
 
     from steerguard.export.answers import generate_answers
@@ -61,7 +62,8 @@ def extract(model: str, layer: int, per_source: int, threads: int) -> None:
     prompts = [json.loads((folder / "rows.json").read_text())["rows"][i]["prompt"] for i in rows]
     lm = load_model(model)
     t0 = time.time()
-    answers = generate_answers(lm, prompts, layer, 48, 64, progress=f"answers ({len(prompts)} prompts)")
+    answers = generate_answers(lm, prompts, layer, tokens, 64, progress=f"answers ({len(prompts)} prompts)",
+                               writer=writer)
     lengths = np.array([len(s) for s in answers.states])
     np.savez(folder / f"answers_l{layer}.npz", rows=rows, lengths=lengths,
              states=np.concatenate(answers.states).astype(np.float16), refused=answers.refused(),
@@ -181,7 +183,52 @@ def summary(r: dict) -> dict:
             "answer_auroc": r["answer_auroc"], "answer_tpr_at_1": r["answer_tpr_at_1"]}
 
 
-def attach(guard_dir: Path, model: str, per_source: int, threads: int) -> None:
+def curve(model: str, layer: int, out: Path, folds: int = 5, seed: int = 0) -> dict:
+    """How many answers a source and how many tokens an answer the answer guard needs: the calibrated units split
+    into `folds` groups, each held out in turn; the probe trains on a share of each training source's answers cut
+    to their first T tokens and scores the held-out answers whole (window:8), complying against benign."""
+    from steerguard.export.answer_guard import AnswerProber
+    from steerguard.runtime.answer import RunningScore
+
+    folder = STUDY / model
+    st = Study(folder)
+    with np.load(folder / f"answers_l{layer}.npz") as f:
+        rows, lengths, refused = f["rows"], f["lengths"], f["refused"]
+        states = np.split(f["states"].astype(np.float32), np.cumsum(lengths)[:-1])
+    label, source, unit = st.label[rows], st.source[rows], st.unit[rows]
+    complied = (label == 1) & ~refused
+    calibrated = np.isin(unit, sorted(set(st.unit[st.group != "never"])))
+    units = np.array(sorted(set(unit[calibrated])))
+    rng = np.random.default_rng(seed)
+    groups = np.array_split(units[rng.permutation(len(units))], folds)
+    rs = RunningScore.parse("window:8")
+    per_source = int(max(np.bincount(np.unique(source[calibrated], return_inverse=True)[1])))
+    results = {"model": model, "layer": layer, "machine": platform.node(), "date": time.strftime("%Y-%m-%d"),
+               "folds": folds, "answers_per_source": per_source, "score": "window:8", "points": []}
+    for share, tokens in [(1.0, 48), (1.0, 32), (0.6, 48), (0.6, 32), (0.5, 48), (0.5, 32), (0.3, 32), (1.0, 16)]:
+        t0 = time.time()
+        score = np.full(len(rows), np.nan)
+        for held in groups:
+            test = np.isin(unit, held)
+            train = np.nonzero(calibrated & ~test)[0]
+            if share < 1:
+                train = np.sort(np.concatenate([rng.choice(r, max(1, round(len(r) * share)), replace=False)
+                                                for r in (train[source[train] == s] for s in np.unique(source[train]))]))
+            ap = AnswerProber.train([states[i][:tokens] for i in train], complied[train], source[train], layer)
+            for i in np.nonzero(test)[0]:
+                score[i] = rs.answer_score(ap.token_risks(states[i])) if len(states[i]) else -np.inf
+        judged = ~np.isnan(score) & (complied | (label == 0))
+        y, s = complied[judged].astype(int), np.where(np.isfinite(score[judged]), score[judged], -1e9)
+        point = {"answers_per_source": round(per_source * share), "tokens": tokens, "auroc": auroc(s, y),
+                 "tpr_at_1": tpr_at_fpr(s, y, 0.01), "tpr_at_5": tpr_at_fpr(s, y, 0.05), "seconds": time.time() - t0}
+        results["points"].append(point)
+        print(f"{point['answers_per_source']:>3} answers a source x {tokens} tokens: AUROC {point['auroc']:.3f}, "
+              f"TPR at 1% FPR {point['tpr_at_1']:.3f}, at 5% {point['tpr_at_5']:.3f}", flush=True)
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def attach(guard_dir: Path, model: str, per_source: int | None, threads: int) -> None:
     """Train the answer guard as `calibrate` does (same table, same seed) and add it to an existing guard folder, so
     a guard calibrated before the answer guard existed gets one without recomputing the rest."""
     import torch
@@ -200,7 +247,7 @@ def attach(guard_dir: Path, model: str, per_source: int, threads: int) -> None:
     table = CalibrationTable.build(CalibrationData.default(), cfg)
     t0 = time.time()
     guard.answer = calibrate_answer_guard(lm, table.texts, table.labels, table.sources, table.val, guard.split_layer,
-                                          per_source, cfg.answer_tokens, seed=cfg.seed)
+                                          per_source or cfg.answer_per_source, cfg.answer_tokens, seed=cfg.seed)
     guard.metrics.setdefault("timings", {})["answer_guard_s"] = time.time() - t0
     guard.save(guard_dir)
     a = guard.answer
@@ -244,11 +291,15 @@ def report(file: Path, mode: str | None = None, variant: str | None = None) -> s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["extract", "study", "attach", "report"])
+    ap.add_argument("phase", choices=["extract", "study", "attach", "report", "curve"])
     ap.add_argument("--guard", type=Path, help="attach: the guard folder to add the answer guard to")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--layer", type=int, default=17, help="the split layer (the demo bundle's: 17)")
-    ap.add_argument("--per-source", type=int, default=40)
+    ap.add_argument("--per-source", type=int, help="extract: prompts a source (default 40); attach: answers a source "
+                    "(default: calibrate's)")
+    ap.add_argument("--tokens", type=int, default=48, help="extract: greedy tokens per answer")
+    ap.add_argument("--writer", default="auto", help="extract: the precision answers are written at (auto: "
+                    "bfloat16 where the CPU has it natively; the token states are fp32 either way)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--labels", action="append",
@@ -257,9 +308,11 @@ def main() -> None:
     ap.add_argument("--variant", action="append", help="running score: window:N, ema:F or max (default: several)")
     a = ap.parse_args()
     if a.phase == "extract":
-        extract(a.model, a.layer, a.per_source, a.threads)
+        extract(a.model, a.layer, a.per_source or 40, a.threads, a.tokens, a.writer)
     elif a.phase == "attach":
         attach(a.guard, a.model, a.per_source, a.threads)
+    elif a.phase == "curve":
+        curve(a.model, a.layer, a.out or Path(f"docs/answer_guard_curve_{a.model}.json"))
     elif a.phase == "report":
         print(report(a.out or Path(f"docs/answer_guard_{a.model}.json"), (a.labels or [None])[0],
                      (a.variant or [None])[0]))

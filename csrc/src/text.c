@@ -90,12 +90,8 @@ static sg_status validate_messages(const sg_model *m, const sg_message *msgs, si
     return m->bundle.chat.alternate ? check_alternation(msgs, n) : SG_OK;
 }
 
-/* The chat rendered with the template's pieces and rules (steerguard/export/chat_pieces.py: render_pieces);
- * with `upto_last_user`, only what comes before the last user message's content. */
-static int render_chat(const sg_chat_pieces *c, const sg_message *msgs, size_t n, int upto_last_user, sg_buf *b) {
-    size_t last_user = n;
-    for (size_t i = 0; i < n; i++)
-        if (!strcmp(msgs[i].role, "user")) last_user = i;
+/* The chat rendered with the template's pieces and rules (steerguard/export/chat_pieces.py: render_pieces). */
+static int render_chat(const sg_chat_pieces *c, const sg_message *msgs, size_t n, sg_buf *b) {
     size_t first = 0;
     int rc = 0;
     const char *folded = NULL; /* a system prompt that opens the first turn after it */
@@ -115,11 +111,10 @@ static int render_chat(const sg_chat_pieces *c, const sg_message *msgs, size_t n
         int user = !strcmp(msgs[i].role, "user");
         rc |= sg_buf_append_str(b, user ? c->open_user : c->open_assistant);
         if (folded && i == first) rc |= sg_buf_append_str(b, folded) | sg_buf_append_str(b, c->system_separator);
-        if (upto_last_user && i == last_user) return rc;
         rc |= append_content(b, msgs[i].content, c->trim) |
               sg_buf_append_str(b, user ? c->close_user : c->close_assistant);
     }
-    return rc | (upto_last_user ? 0 : sg_buf_append_str(b, c->generation_prompt));
+    return rc | sg_buf_append_str(b, c->generation_prompt);
 }
 
 static sg_status encode_text(const sg_model *m, const char *text, size_t len, sg_tokens *out) {
@@ -131,23 +126,58 @@ static sg_status encode_text(const sg_model *m, const char *text, size_t len, sg
     return st;
 }
 
+/* Where the last user message's content begins: where encodings of the chat that differ only in that content part
+ * ways, over three probe contents (steerguard/runtime/chat.py: content_start). Encoding the text before the content
+ * on its own is not the same: the tokenizer can merge that text's last characters differently when nothing follows
+ * them (Gemma's "\n\n" after a folded system prompt is one token alone and two before the user's words). */
+static sg_status user_content_start(const sg_model *m, const sg_message *msgs, size_t n, size_t *start) {
+    static const char *probes[] = {"", "alpha", "omega beta"};
+    size_t last = n;
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(msgs[i].role, "user")) last = i;
+    *start = 0;
+    if (last == n) return SG_OK;
+    sg_message *probe = malloc(n * sizeof *probe);
+    if (!probe) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    memcpy(probe, msgs, n * sizeof *probe);
+    sg_tokens enc[3] = {{0}};
+    sg_status st = SG_OK;
+    for (size_t k = 0; k < 3 && st == SG_OK; k++) {
+        sg_buf text = {0};
+        probe[last].content = probes[k];
+        if (render_chat(&m->bundle.chat, probe, n, &text)) st = sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+        if (st == SG_OK) st = encode_text(m, text.data, text.len, &enc[k]);
+        sg_buf_free(&text);
+    }
+    if (st == SG_OK) {
+        size_t shared = SIZE_MAX;
+        for (size_t a = 0; a < 3; a++)
+            for (size_t b = a + 1; b < 3; b++) {
+                size_t k = 0, both = enc[a].count < enc[b].count ? enc[a].count : enc[b].count;
+                while (k < both && enc[a].ids[k] == enc[b].ids[k]) k++;
+                if (k < shared) shared = k;
+            }
+        *start = shared;
+    }
+    for (size_t k = 0; k < 3; k++) sg_tokens_free(&enc[k]);
+    free(probe);
+    return st;
+}
+
 sg_status sg_encode_chat_ids(const sg_model *m, const sg_message *msgs, size_t n, sg_tokens *out, size_t *user_start) {
     sg_status st = validate_messages(m, msgs, n);
     if (st != SG_OK) return st;
     sg_buf text = {0};
-    if (render_chat(&m->bundle.chat, msgs, n, 0, &text)) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
+    if (render_chat(&m->bundle.chat, msgs, n, &text)) return sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
     st = encode_text(m, text.data, text.len, out);
     sg_buf_free(&text);
     if (st != SG_OK || !user_start) return st;
     *user_start = 0;
     if (!m->bundle.risk_per_token) return SG_OK; /* only a per-token prober reads where the user's turn begins */
-    sg_tokens prefix = {0};
-    if (render_chat(&m->bundle.chat, msgs, n, 1, &text)) st = sg_fail(SG_ERR_OUT_OF_MEMORY, "out of memory");
-    if (st == SG_OK) st = encode_text(m, text.data, text.len, &prefix);
-    sg_buf_free(&text);
-    if (st == SG_OK) *user_start = prefix.count < out->count ? prefix.count : 0;
-    sg_tokens_free(&prefix);
-    if (st != SG_OK) sg_tokens_free(out);
+    size_t start = 0;
+    st = user_content_start(m, msgs, n, &start);
+    if (st == SG_OK) *user_start = start < out->count ? start : 0;
+    else sg_tokens_free(out);
     return st;
 }
 

@@ -59,7 +59,7 @@ from .options import (answer_guard_options, chat_template_kwargs_option, check_o
               help="Also train the answer guard: a probe on the split-layer state of each token the model writes, "
                    "trained on the model's own greedy answers to calibration prompts (complying with a harmful "
                    "request or not).")
-@click.option("--answer-per-source", type=int, default=40, show_default=True,
+@click.option("--answer-per-source", type=int, default=24, show_default=True,
               help="Calibration prompts per source the model answers to train the answer guard.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @chat_template_kwargs_option

@@ -23,8 +23,9 @@ from .operating import tau_at_fpr
 from .prober import Prober, source_erasure
 
 DEFAULT_SCORE = "window:8"
-# whether a bundle runs its answer guard unless told otherwise: off, because held out on the demo model it left the
-# worst harmful source's attack success where it was and turned more benign answers into refusals (docs/ANSWER_GUARD.md)
+# whether a bundle runs its answer guard unless told otherwise: off, because held out on both named models it left the
+# worst harmful source's attack success where it was and on the demo model turned more benign answers into refusals
+# (docs/ANSWER_GUARD.md)
 DEFAULT_ENABLED = False
 # how a switched answer goes on: `restart` (the refusal head answers from the prompt) reads as a refusal; measured,
 # `continue` mostly wound the answer up with "Is there something else I can help you with?" (docs/ANSWER_GUARD.md)
@@ -135,7 +136,7 @@ def answer_manifest(a: AnswerProber) -> dict:
 
 
 def calibrate_answer_guard(lm, texts: Sequence, labels: np.ndarray, sources: np.ndarray, val: np.ndarray, layer: int,
-                           per_source: int = 40, max_new_tokens: int = 48, batch_size: int = 64, seed: int = 0,
+                           per_source: int = 24, max_new_tokens: int = 32, batch_size: int = 64, seed: int = 0,
                            progress: bool = True, use_cache: bool = True) -> AnswerProber:
     """Answer up to `per_source` text prompts of each calibration source (each class of a pair source apart),
     train the answer guard on the answers outside `val` and set its operating points on those inside."""

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..runtime.judge import is_refusal
-from .hidden import chat_ids
+from .cpu import cast_copy, compute_dtype
+from .hidden import Reached, chat_ids, stopping_before
 from .refusal import end_of_turn_ids
 from .state_cache import model_fingerprint
 from .models import cache_dir
@@ -38,24 +39,36 @@ class Answers:
 
 
 def generate_answers(lm, prompts: Sequence[str], layer: int, max_new_tokens: int = 48, batch_size: int = 16,
-                     progress: bool | str = False, use_cache: bool = True) -> Answers:
-    """Greedy answers of `lm` to text `prompts` (chat template applied) with their states at `layer`, cached on
-    disk by model, prompts, layer and length like the prompt states."""
-    path = _answer_path(lm, prompts, layer, max_new_tokens)
+                     progress: bool | str = False, use_cache: bool = True, writer: str = "auto") -> Answers:
+    """Greedy answers of `lm` to text `prompts` (chat template applied) with their fp32 states at `layer`, cached
+    on disk by model, prompts, layer, length and writer like the prompt states.
+
+    `writer` is the precision the answers are written at: `float32`, `bfloat16`, or `auto` (bfloat16 where the CPU
+    computes it natively: 1.5x faster on Gemma 3 270M; float32 elsewhere). The states are the fp32
+    model's either way: one teacher-forced pass over prompt and answer, up to `layer`."""
+    dtype = compute_dtype(writer)
+    path = _answer_path(lm, prompts, layer, max_new_tokens, dtype)
     if use_cache and path.exists():
         return _load(path, layer)
     stops = set(end_of_turn_ids(lm.tokenizer))
+    pad = lm.tokenizer.pad_token_id or 0
     encoded = [chat_ids(lm.tokenizer, p) for p in prompts]
     ids: list = [None] * len(prompts)
     states: list = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "answers",
-               unit="prompt", disable=not progress)
-    for batch in _batches(encoded, batch_size, max_new_tokens):
-        for i, (a, s) in zip(batch, _answer_batch(lm.model, [encoded[i] for i in batch], layer, max_new_tokens,
-                                                  stops, lm.tokenizer.pad_token_id)):
-            ids[i], states[i] = a, s
-        bar.update(len(batch))
-    bar.close()
+    label = progress if isinstance(progress, str) else "answers"
+    model = cast_copy(lm.model, dtype)
+    with tqdm(total=len(prompts), desc=label, unit="prompt", disable=not progress) as bar:
+        for batch in _batches(encoded, batch_size, max_new_tokens):
+            for i, a in zip(batch, _greedy(model, [encoded[i] for i in batch], max_new_tokens, stops, pad)):
+                ids[i] = a
+            bar.update(len(batch))
+    del model
+    fed = [e + a[:-1] for e, a in zip(encoded, ids)]     # the last answer token is never fed back
+    with tqdm(total=len(prompts), desc="states of the answers", unit="answer", disable=not progress) as bar:
+        for batch in _batches(fed, batch_size, 0):
+            for i, h in zip(batch, _states_at(lm.model, [fed[i] for i in batch], layer, pad)):
+                states[i] = h[len(encoded[i]):]
+            bar.update(len(batch))
     texts = [lm.tokenizer.decode(a, skip_special_tokens=True) for a in ids]
     answers = Answers(ids, texts, states, layer)
     if use_cache:
@@ -78,40 +91,42 @@ def _batches(encoded: list[list[int]], batch_size: int, max_new_tokens: int, bud
 
 
 @torch.inference_mode()
-def _answer_batch(model, encoded: list[list[int]], layer: int, max_new_tokens: int, stops: set[int],
-                  pad: int | None) -> list[tuple[list[int], np.ndarray]]:
-    """One left-padded batch through `generate`; each row's answer up to its first end-of-turn token. A hook on
-    decoder layer `layer` keeps the state entering it on every decode step: the state of the token just fed."""
+def _greedy(model, encoded: list[list[int]], max_new_tokens: int, stops: set[int], pad: int) -> list[list[int]]:
+    """One left-padded batch through `generate`; each row's answer up to its first end-of-turn token."""
     width = max(len(e) for e in encoded)
-    pad = 0 if pad is None else pad
     input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    fed: list[torch.Tensor] = []
-
-    def keep(module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        if h.shape[1] == 1:        # a decode step (the prompt's pass has the whole prompt)
-            fed.append(h[:, 0].float().clone())
-
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hook = decoder.layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=sorted(stops), pad_token_id=pad, temperature=None,
-                             top_p=None, top_k=None)
-    finally:
-        hook.remove()
-    new = out[:, width:].tolist()
-    stacked = torch.stack(fed, 1).numpy() if fed else np.zeros((len(encoded), 0, model.config.hidden_size), np.float32)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(stops), pad_token_id=pad, temperature=None, top_p=None, top_k=None)
     rows = []
-    for r, tokens in enumerate(new):
-        n = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
-        rows.append((tokens[:n], np.ascontiguousarray(stacked[r, :max(n - 1, 0)], np.float32)))
+    for tokens in out[:, width:].tolist():
+        rows.append(tokens[:next((k for k, t in enumerate(tokens) if t in stops), len(tokens))])
     return rows
 
 
-def _answer_path(lm, prompts: Sequence[str], layer: int, max_new_tokens: int) -> Path:
-    h = hashlib.sha256(json.dumps([model_fingerprint(lm), layer, max_new_tokens, list(prompts)]).encode())
+@torch.inference_mode()
+def _states_at(model, sequences: list[list[int]], layer: int, pad: int) -> list[np.ndarray]:
+    """The fp32 state entering decoder layer `layer` at every position of each sequence (right-padded: a causal
+    model's states do not see the padding after them), the pass stopped there."""
+    lengths = [len(s) for s in sequences]
+    input_ids = torch.full((len(sequences), max(lengths)), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, s in enumerate(sequences):
+        input_ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    with stopping_before(decoder, layer) as reached:
+        try:
+            decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            raise RuntimeError(f"decoder layer {layer} was never reached")
+        except Reached:
+            h = reached.pop().float().numpy()
+    return [np.ascontiguousarray(h[row, :n], np.float32) for row, n in enumerate(lengths)]
+
+
+def _answer_path(lm, prompts: Sequence[str], layer: int, max_new_tokens: int, dtype: "torch.dtype") -> Path:
+    key = [model_fingerprint(lm), layer, max_new_tokens, list(prompts)] + ([] if dtype == torch.float32 else [str(dtype)])
+    h = hashlib.sha256(json.dumps(key).encode())
     return cache_dir() / "answers" / f"{h.hexdigest()[:24]}.npz"
 
 

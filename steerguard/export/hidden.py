@@ -87,14 +87,14 @@ def with_tokens(inputs: dict, extra_ids: Sequence[int]) -> dict:
     return out
 
 
-class _Reached(Exception):
+class Reached(Exception):
     """Raised by the hook on layer `upto`: the states past it are not needed."""
 
 
 @contextmanager
-def _stopping_before(decoder, layer: int | None) -> Iterator[list]:
+def stopping_before(decoder, layer: int | None) -> Iterator[list]:
     """While active, a forward pass stops at decoder layer `layer` (None: runs through) by raising
-    `_Reached`; the state entering that layer is appended to the yielded list."""
+    `Reached`; the state entering that layer is appended to the yielded list."""
     reached: list = []
     if layer is None:
         yield reached
@@ -102,7 +102,7 @@ def _stopping_before(decoder, layer: int | None) -> Iterator[list]:
 
     def stop(module, args, kwargs):
         reached.append(args[0] if args else kwargs["hidden_states"])
-        raise _Reached
+        raise Reached
 
     hook = decoder.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
     try:
@@ -156,7 +156,7 @@ def extract_hidden_states(model, tokenizer, prompts: Sequence, batch_size: int =
             tokens[i] = states[tokens_at, prefix:].numpy()
         bar.update(1)
     texts = [i for i in order if isinstance(prompts[i], str)]
-    with _stopping_before(decoder, upto if upto is not None and upto < n_layers else None) as reached:
+    with stopping_before(decoder, upto if upto is not None and upto < n_layers else None) as reached:
         for start in range(0, len(texts), batch_size):
             _text_batch(decoder, ids, texts[start:start + batch_size], pad, (prefix, suffix), (last, mean, post), upto,
                         reached, tokens, tokens_at)
@@ -199,7 +199,7 @@ def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, template: tu
     try:
         out = decoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         states = torch.stack(out.hidden_states, dim=1).float()          # (b, N+1, T, d)
-    except _Reached:
+    except Reached:
         states, layers = reached.pop()[:, None].float(), slice(upto, upto + 1)
     idx = torch.tensor(lengths) - 1
     last[batch, layers] = states[torch.arange(len(batch)), :, idx].numpy()

@@ -201,16 +201,87 @@ def _convert_gguf_folder(spec: NamedModel, gguf: Path, target: Path) -> None:
     tmp.rename(target)
 
 
+def _gguf_config(path: Path):
+    """transformers' config for a GGUF file and the file's architecture, refused in one line where transformers
+    cannot read that architecture, or reads the file without something it states (it would build a different
+    model)."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS, read_gguf_metadata
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    metadata, tensors = read_gguf_metadata(str(path))
+    arch = metadata["general.architecture"]
+    readable = sorted({*GGUF_SUPPORTED_ARCHITECTURES, *GGUF_CONFIG_ARCHS} - {"general", "tokenizer"})
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ValueError as e:
+        if arch in readable:
+            raise
+        raise SteerguardError(f"{path}: transformers {transformers.__version__} cannot read GGUF architecture "
+                              f"{arch!r}; it reads {', '.join(readable)}") from e
+    if gaps := _gguf_gaps(metadata, tensors, config):
+        raise SteerguardError(f"{path}: GGUF architecture {arch!r} states {'; '.join(gaps)}, which transformers "
+                              f"{transformers.__version__} does not read from GGUF: it would load a different model "
+                              "(load the original Hugging Face folder instead)")
+    return config, arch
+
+
+def _gguf_gaps(metadata: dict, tensors: tuple[str, ...], config) -> list[str]:
+    """What a GGUF states about its model that `config`, transformers' reading of it, lost: one
+    `stated (transformers: what it read)` per difference, in llama.cpp's terms."""
+    import math
+
+    arch = metadata["general.architecture"]
+
+    def stated(key: str):
+        return metadata.get(f"{arch}.{key}")
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = config.rope_parameters or {}
+    rope = rope.get("full_attention", rope)            # Gemma 3: the global layers' rotary is the one a GGUF scales
+    rope_type = rope.get("rope_type", "default")
+    read = f"(transformers: rope_type={rope_type!r})"
+    gaps = []
+    if (key_length := stated("attention.key_length")) is not None and key_length != head_dim:
+        gaps.append(f"attention.key_length={key_length} (transformers: head_dim={head_dim})")
+    rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    if (dims := stated("rope.dimension_count")) is not None and dims != rotary:
+        gaps.append(f"rope.dimension_count={dims} (transformers: {rotary} rotary dims)")
+    if (scaling := stated("rope.scaling.type")) not in (None, "none", rope_type):
+        gaps.append(f"rope.scaling.type={scaling!r} {read}")
+    # llama.cpp states llama3 and longrope scaling as per-frequency factor tensors
+    for tensor, kind in (("rope_freqs.weight", "llama3"), ("rope_factors_long.weight", "longrope")):
+        if tensor in tensors and rope_type != kind:
+            gaps.append(f"{tensor}, {kind} rope scaling {read}")
+    if (window := stated("attention.sliding_window")) and window != getattr(config, "sliding_window", None):
+        gaps.append(f"attention.sliding_window={window} (transformers: {getattr(config, 'sliding_window', None)})")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if (cap := stated(key)) and not math.isclose(cap, getattr(config, key, None) or 0.0, rel_tol=1e-6):
+            gaps.append(f"{key}={cap:g} (transformers: {getattr(config, key, None)})")
+    if arch == "gemma3":   # llama.cpp scales queries by 1/sqrt(head_dim), 1/sqrt(hidden/heads) on the 62-layer 27B
+        dim = config.hidden_size // config.num_attention_heads if stated("block_count") == 62 else head_dim
+        if config.query_pre_attn_scalar != dim:
+            gaps.append(f"attention scale 1/sqrt({dim}) (transformers: query_pre_attn_scalar="
+                        f"{config.query_pre_attn_scalar})")
+    return gaps
+
+
 def _load_gguf(path: Path):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
+    config, arch = _gguf_config(path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    quantized, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                           output_loading_info=True)
+    if missing := sorted(info["missing_keys"]):   # transformers would leave them as initialized: random
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise SteerguardError(f"{path}: GGUF architecture {arch!r} has no tensor for {len(missing)} of the model's "
+                              f"weights ({shown}): transformers would leave them as initialized")
     # The GGUF loader marks the model as quantized (not serializable) though its weights are already
     # dequantized fp32: rebuild a plain model from the config and move the weights over.
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

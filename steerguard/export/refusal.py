@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .cpu import native_bfloat16
 from .hidden import chat_ids, image_inputs
 
 
@@ -26,14 +27,17 @@ class RefusalHead:
     @classmethod
     def train(cls, model, tokenizer, prompts: Sequence, targets: Sequence[str], eps: float = 0.1,
               epochs: int = 4, max_target_tokens: int = 48, lr: float = 2e-2, batch_positions: int = 1024,
-              seed: int = 0, progress: bool = False, processor=None) -> "RefusalHead":
+              seed: int = 0, progress: bool = False, processor=None, bfloat16: bool | None = None) -> "RefusalHead":
         """Fit S (identity init) so that the frozen model, read through R, writes `targets` after `prompts`
-        (texts, or image prompts read through `processor`)."""
+        (texts, or image prompts read through `processor`). The logits are multiplied in bfloat16 where the CPU
+        does that natively (`bfloat16` None) and the loss is taken in float32."""
         import torch
         from tqdm.auto import tqdm
 
         hidden, labels = refusal_cache(model, tokenizer, prompts, targets, max_target_tokens, progress, processor)
         weight = model.get_output_embeddings().weight.detach()              # (V, d)
+        if native_bfloat16() if bfloat16 is None else bfloat16:
+            weight = weight.to(torch.bfloat16)
         d = weight.shape[1]
         s = torch.nn.Parameter(torch.eye(d))
         opt = torch.optim.Adam([s], lr=lr)
@@ -46,7 +50,7 @@ class RefusalHead:
             for start in range(0, len(labels), batch_positions):
                 idx = perm[start:start + batch_positions]
                 h = hidden[idx]
-                logits = (h + eps * h @ s.T) @ weight.T
+                logits = ((h + eps * h @ s.T).to(weight.dtype) @ weight.T).float()
                 loss = torch.nn.functional.cross_entropy(logits, labels[idx])
                 opt.zero_grad()
                 loss.backward()
@@ -55,7 +59,7 @@ class RefusalHead:
             losses.append(total / len(labels))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         with torch.no_grad():
-            base_loss = sum(torch.nn.functional.cross_entropy(hidden[i:i + batch_positions] @ weight.T,
+            base_loss = sum(torch.nn.functional.cross_entropy((hidden[i:i + batch_positions].to(weight.dtype) @ weight.T).float(),
                                                               labels[i:i + batch_positions], reduction="sum").item()
                             for i in range(0, len(labels), batch_positions)) / len(labels)
             transform = (torch.eye(d) + eps * s.T).numpy().astype(np.float32)

@@ -13,6 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
+import torch
+
+from .cpu import cast_copy, compute_dtype
 from .data import ImagePrompt
 from .hidden import HiddenStates, extract_hidden_states, split_rows
 from .models import cache_dir
@@ -54,15 +57,17 @@ def state_path(lm, prompts: Sequence, upto: int | None, tokens_at: int | None, f
 
 
 def cached_hidden_states(lm, prompts: Sequence, batch_size: int = 16, progress: bool | str = False,
-                         upto: int | None = None, tokens_at: int | None = None, use_cache: bool = True
-                         ) -> HiddenStates:
+                         upto: int | None = None, tokens_at: int | None = None, use_cache: bool = True,
+                         precision: str = "float32") -> HiddenStates:
     """`extract_hidden_states` for a loaded model, read from the cache when these exact prompts went through
-    the same model up to the same layer before, else computed and stored."""
-    hs_of = lambda: extract_hidden_states(lm.model, lm.tokenizer, prompts, batch_size, progress,  # noqa: E731
-                                          processor=lm.processor, upto=upto, tokens_at=tokens_at)
+    the same model up to the same layer before, else computed and stored. `precision` (see cpu.compute_dtype)
+    runs a copy of the model at bfloat16 where that is asked for and native."""
+    dtype = compute_dtype(precision)
+    hs_of = lambda: extract_hidden_states(cast_copy(lm.model, dtype), lm.tokenizer, prompts, batch_size,  # noqa: E731
+                                          progress, processor=lm.processor, upto=upto, tokens_at=tokens_at)
     if not use_cache:
         return hs_of()
-    fingerprint = model_fingerprint(lm)
+    fingerprint = model_fingerprint(lm) + ("" if dtype == torch.float32 else f"-{dtype}")
     path = state_path(lm, prompts, upto, tokens_at, fingerprint)
     # an entry that also kept the token states at `upto` holds everything a pass without them computes
     candidates = [path] + ([state_path(lm, prompts, upto, upto, fingerprint)]
