@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..runtime.judge import is_refusal
 from .cpu import cast_copy, compute_dtype
-from .hidden import Reached, chat_ids, stopping_before
+from .hidden import Reached, chat_ids, right_padded, stopping_before
 from .refusal import end_of_turn_ids
 from .state_cache import model_fingerprint
 from .models import cache_dir
@@ -108,12 +108,7 @@ def _greedy(model, encoded: list[list[int]], max_new_tokens: int, stops: set[int
 def _states_at(model, sequences: list[list[int]], layer: int, pad: int) -> list[np.ndarray]:
     """The fp32 state entering decoder layer `layer` at every position of each sequence (right-padded: a causal
     model's states do not see the padding after them), the pass stopped there."""
-    lengths = [len(s) for s in sequences]
-    input_ids = torch.full((len(sequences), max(lengths)), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, s in enumerate(sequences):
-        input_ids[row, :len(s)] = torch.tensor(s)
-        mask[row, :len(s)] = 1
+    input_ids, mask = right_padded(sequences, pad)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     with stopping_before(decoder, layer) as reached:
         try:
@@ -121,7 +116,7 @@ def _states_at(model, sequences: list[list[int]], layer: int, pad: int) -> list[
             raise RuntimeError(f"decoder layer {layer} was never reached")
         except Reached:
             h = reached.pop().float().numpy()
-    return [np.ascontiguousarray(h[row, :n], np.float32) for row, n in enumerate(lengths)]
+    return [np.ascontiguousarray(h[row, :len(s)], np.float32) for row, s in enumerate(sequences)]
 
 
 def _answer_path(lm, prompts: Sequence[str], layer: int, max_new_tokens: int, dtype: "torch.dtype") -> Path:

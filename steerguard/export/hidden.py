@@ -182,6 +182,17 @@ def _token_views(ids: list, prefix: int, d: int) -> np.ndarray:
     return split_rows(np.empty((sum(lengths), d), np.float32), lengths)
 
 
+def right_padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token sequences padded on the right (a causal model's states at a position
+    never see the padding after it)."""
+    input_ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, s in enumerate(sequences):
+        input_ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    return input_ids, mask
+
+
 def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, template: tuple[int, int],
                 pooled: tuple[np.ndarray, np.ndarray, np.ndarray], upto: int | None, reached: list,
                 tokens: np.ndarray | None = None, tokens_at: int | None = None) -> None:
@@ -190,11 +201,7 @@ def _text_batch(decoder, ids: list, batch: Sequence[int], pad: int, template: tu
     (prefix, suffix), (last, mean, post) = template, pooled
     batch = np.array(batch)
     lengths = [len(ids[i]) for i in batch]
-    input_ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, i in enumerate(batch):
-        input_ids[row, :lengths[row]] = torch.tensor(ids[i])
-        mask[row, :lengths[row]] = 1
+    input_ids, mask = right_padded([ids[i] for i in batch], pad)
     layers = slice(None)
     try:
         out = decoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
